@@ -1,0 +1,1 @@
+"""Reproducible benchmarks; each module is one entry point writing JSON to benchmarks/results/."""

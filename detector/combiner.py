@@ -1,0 +1,79 @@
+"""Combiners: from a detector's per-map entropies ``[B, F]`` to one score ``[B]``.
+
+The single-map detector is the special case :class:`SingleMap` (score = the
+entropy itself, thresholded as in the paper). :class:`LogisticCombiner` is a
+fitted linear model over standardized entropies (a *profile* over layers): its
+weights stay interpretable (which layer's entropy pushes towards
+"adversarial") and it serializes to a few numbers in the calibration artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class Combiner(Protocol):
+    kind: str
+
+    def combine(self, entropies: torch.Tensor) -> torch.Tensor: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class SingleMap:
+    """Score = the entropy of the one map. Higher = more adversarial."""
+
+    kind: str = "single"
+
+    def combine(self, entropies: torch.Tensor) -> torch.Tensor:
+        if entropies.shape[1] != 1:
+            raise ValueError(f"SingleMap combines exactly one map, got {entropies.shape[1]}")
+        return entropies[:, 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+@dataclass(frozen=True)
+class LogisticCombiner:
+    """Score = w · (entropies - mean) / scale + bias (the logit of P(adversarial))."""
+
+    weights: tuple[float, ...]
+    bias: float
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    kind: str = "logistic"
+
+    def combine(self, entropies: torch.Tensor) -> torch.Tensor:
+        if entropies.shape[1] != len(self.weights):
+            raise ValueError(f"combiner expects {len(self.weights)} maps, got {entropies.shape[1]}")
+        as_tensor = lambda values: torch.tensor(values, dtype=entropies.dtype, device=entropies.device)  # noqa: E731
+        standardized = (entropies - as_tensor(self.mean)) / as_tensor(self.scale)
+        return standardized @ as_tensor(self.weights) + self.bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "weights": list(self.weights),
+            "bias": self.bias,
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+        }
+
+
+def combiner_from_dict(data: dict[str, Any]) -> Combiner:
+    kind = data.get("kind")
+    if kind == "single":
+        return SingleMap()
+    if kind == "logistic":
+        return LogisticCombiner(
+            weights=tuple(float(v) for v in data["weights"]),
+            bias=float(data["bias"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            scale=tuple(float(v) for v in data["scale"]),
+        )
+    raise ValueError(f"unknown combiner kind {kind!r} (expected 'single' or 'logistic')")

@@ -1,0 +1,155 @@
+"""``Detector``: images or feature maps in, scores and verdicts out.
+
+A detector is a set of named feature maps (each with its :class:`ScoreConfig`),
+a combiner from their entropies to one score, and a threshold. The single map
+plus threshold of the paper is the special case. The sidecar never runs the
+model itself (Triton returns the maps as extra outputs) and calls
+:meth:`Detector.score_maps`; offline tools with a local model call
+:meth:`Detector.score`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationArtifact, CalibrationError
+from .combiner import Combiner, SingleMap
+from .config import PAPER_CONFIG, ScoreConfig
+from .entropy import average_local_spatial_entropy
+from .features import FeatureModel, extract_maps
+from .models import ModelIdentity, bundled_identity, load_bundled_model
+
+#: The Triton output name of the single-map detector.
+FEATURE_RESPONSE = "feature_response"
+
+#: The product default (see benchmarks/detection_study for how it was chosen).
+DEFAULT_FEATURES: dict[str, ScoreConfig] = {FEATURE_RESPONSE: PAPER_CONFIG}
+
+
+class Detector:
+    """Scores inputs by the average local spatial entropy of their feature maps."""
+
+    def __init__(
+        self,
+        features: Mapping[str, ScoreConfig] | ScoreConfig | None = None,
+        *,
+        combiner: Combiner | None = None,
+        threshold: float | None = None,
+        model: nn.Module | None = None,
+        model_identity: ModelIdentity | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if features is None:
+            features = DEFAULT_FEATURES
+        elif isinstance(features, ScoreConfig):
+            features = {FEATURE_RESPONSE: features}
+        if not features:
+            raise ValueError("a detector needs at least one feature map")
+        self.features: dict[str, ScoreConfig] = dict(features)
+        self.combiner: Combiner = combiner or SingleMap()
+        if isinstance(self.combiner, SingleMap) and len(self.features) != 1:
+            raise ValueError("several feature maps need a fitted combiner (e.g. LogisticCombiner)")
+        self.threshold = threshold
+        self.device = torch.device(device)
+        self.model = model.to(self.device) if model is not None else None
+        self.model_identity = model_identity
+        self.calibration: CalibrationArtifact | None = None
+
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu", *, load_model: bool = False) -> "Detector":
+        """The product default on the bundled EfficientNet-Lite0 (model loaded on demand)."""
+        model = load_bundled_model(device) if load_model else None
+        return cls(model=model, model_identity=bundled_identity(), device=device)
+
+    @classmethod
+    def from_artifact(
+        cls,
+        path: str | Path,
+        *,
+        model: nn.Module | None = None,
+        model_identity: ModelIdentity | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "Detector":
+        """A detector configured *by* an artifact (its maps, combiner and threshold).
+
+        With ``model_identity`` given, an artifact fitted on other weights is refused.
+        """
+        artifact = CalibrationArtifact.load(path)
+        detector = cls(
+            artifact.features,
+            combiner=artifact.combiner,
+            model=model,
+            model_identity=model_identity,
+            device=device,
+        )
+        detector.apply_calibration(artifact)
+        return detector
+
+    @property
+    def feature_outputs(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    @property
+    def calibration_id(self) -> str | None:
+        return self.calibration.id if self.calibration else None
+
+    def load_calibration(self, path: str | Path) -> CalibrationArtifact:
+        """Load and apply an artifact; refuses one fitted for another score or model."""
+        artifact = CalibrationArtifact.load(path)
+        self.apply_calibration(artifact, source=str(path))
+        return artifact
+
+    def apply_calibration(self, artifact: CalibrationArtifact, *, source: str = "artifact") -> None:
+        problems = artifact.mismatches(self.features, self.model_identity)
+        if problems:
+            raise CalibrationError(f"{source} does not match this detector: " + "; ".join(problems))
+        self.combiner = artifact.combiner
+        self.threshold = artifact.threshold
+        self.calibration = artifact
+
+    def _model(self) -> nn.Module:
+        if self.model is None:
+            if self.model_identity is not None and self.model_identity == bundled_identity():
+                self.model = load_bundled_model(self.device)
+            else:
+                raise RuntimeError("this detector has no model; use score_maps() with precomputed maps")
+        return self.model
+
+    def feature_model(self, model: nn.Module | None = None) -> FeatureModel:
+        """``pixels -> {"logits", **maps}``: what a Triton-hosted model must return."""
+        return FeatureModel(model if model is not None else self._model(), self.features)
+
+    def entropies(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-map average local spatial entropy, ``[B, F]`` in ``feature_outputs`` order."""
+        missing = [name for name in self.features if name not in maps]
+        if missing:
+            raise KeyError(f"missing feature map(s): {', '.join(missing)}")
+        columns = [
+            average_local_spatial_entropy(maps[name].to(self.device), config)
+            for name, config in self.features.items()
+        ]
+        return torch.stack(columns, dim=1)
+
+    def score_maps(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Scores ``[B]`` from precomputed feature maps (the sidecar's path)."""
+        return self.combiner.combine(self.entropies(maps))
+
+    def map_entropies_and_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, logits = extract_maps(self._model(), pixels.to(self.device), self.features)
+        return self.entropies(maps), logits
+
+    def score(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B]`` for a batch of ``[0, 1]`` RGB pixels ``[B, 3, H, W]``."""
+        entropies, _ = self.map_entropies_and_logits(pixels)
+        return self.combiner.combine(entropies)
+
+    def verdict(self, scores: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """``True`` where a score is above the threshold (adversarial)."""
+        threshold = self.threshold if threshold is None else threshold
+        if threshold is None:
+            raise CalibrationError("no threshold: load a calibration artifact or pass threshold=")
+        return scores > threshold

@@ -1,0 +1,82 @@
+"""Compute every feature map a detector needs for a batch, in as few passes as possible.
+
+A detector may read several maps of one input (guided-backprop responses seeded
+at different layers, or forward activations of intermediate layers). This
+module groups the requested maps so that forward activations are captured
+during the same forward pass as a guided backward, and each distinct backward
+seed costs one backward pass. :class:`FeatureModel` wraps it as an
+``nn.Module`` returning ``{"logits": ..., <output name>: map, ...}``: exactly
+what a Triton-hosted model returns to the sidecar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .config import ScoreConfig
+from .guided import guided_backprop
+
+
+def _capture_activations(model: nn.Module, layers: set[str]) -> tuple[dict[str, torch.Tensor], list]:
+    modules = dict(model.named_modules())
+    missing = sorted(layers - set(modules))
+    if missing:
+        raise KeyError(f"model has no module(s) named {', '.join(map(repr, missing))}")
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in layers:
+        def hook(module: nn.Module, inputs: object, output: object, name: str = name) -> None:
+            if isinstance(output, torch.Tensor):
+                captured[name] = output.detach()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    return captured, handles
+
+
+def extract_maps(
+    model: nn.Module, pixels: torch.Tensor, specs: Mapping[str, ScoreConfig]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``{output name: map}`` for every spec, and the logits, for a batch of pixels."""
+    activation_layers = {c.layer for c in specs.values() if c.response == "activation"}
+    if None in activation_layers:
+        raise ValueError("response='activation' needs an explicit layer name")
+    backward_groups: dict[tuple, list[str]] = {}
+    for name, config in specs.items():
+        if config.response != "activation":
+            backward_groups.setdefault((config.response, config.layer, config.seed), []).append(name)
+
+    captured, handles = _capture_activations(model, activation_layers)  # type: ignore[arg-type]
+    maps: dict[str, torch.Tensor] = {}
+    logits: torch.Tensor | None = None
+    try:
+        for (response, layer, seed), names in backward_groups.items():
+            result = guided_backprop(model, pixels, layer=layer, seed=seed, guided=response == "guided_backprop")
+            logits = result.logits
+            for name in names:
+                maps[name] = result.response
+        if logits is None:  # activations only: one forward pass, no autograd
+            with torch.no_grad():
+                logits = model(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, config in specs.items():
+        if config.response == "activation":
+            maps[name] = captured[config.layer]  # type: ignore[index]
+    return maps, logits.detach()
+
+
+class FeatureModel(nn.Module):
+    """``pixels -> {"logits": ..., **maps}``: the model as the Triton backend serves it."""
+
+    def __init__(self, model: nn.Module, specs: Mapping[str, ScoreConfig]) -> None:
+        super().__init__()
+        self.model = model
+        self.specs = dict(specs)
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps, logits = extract_maps(self.model, pixels, self.specs)
+        return {"logits": logits, **maps}

@@ -1,0 +1,43 @@
+"""Figures in the style of the paper's Figure 3: input | feature response | local entropy map."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .config import ScoreConfig
+from .entropy import gray_levels, local_entropy_map
+
+
+def save_response_figure(
+    path: Path, pixels: torch.Tensor, maps: Mapping[str, torch.Tensor], configs: Mapping[str, ScoreConfig]
+) -> Path:
+    """Write one PNG: the input, then per map its gray-level image and its local entropy map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 1 + 2 * len(maps)
+    figure, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.4))
+    axes[0].imshow(pixels.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
+    axes[0].set_title("input")
+    column = 1
+    for name, feature in maps.items():
+        config = configs[name]
+        levels = gray_levels(feature.unsqueeze(0).detach().cpu().float(), config)
+        entropy = local_entropy_map(levels, config)[0]
+        axes[column].imshow(levels[0].numpy(), cmap="gray", vmin=0, vmax=config.levels - 1)
+        axes[column].set_title(f"{name} (gray)")
+        image = axes[column + 1].imshow(entropy.numpy(), cmap="inferno", vmin=0)
+        axes[column + 1].set_title(f"local entropy, mean {entropy.mean():.3f} bits")
+        figure.colorbar(image, ax=axes[column + 1], fraction=0.046)
+        column += 2
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path

@@ -1,0 +1,43 @@
+"""The ``advsentry`` command line: one typer app, one module per subcommand.
+
+Subcommand modules live in ``service/commands/`` and import their heavy
+dependencies (torch, Triton) inside the command body, so ``advsentry --help``
+stays fast.
+
+Exit codes (all subcommands):
+  0  success
+  2  usage error (unknown option, bad value)
+  3  input error (missing or unreadable image, unsupported image mode)
+  4  calibration error (artifact malformed, tampered with, or for another model/config)
+  1  any other failure
+"""
+
+from __future__ import annotations
+
+import typer
+
+from service.commands import score as _score_cmd
+
+EXIT_INPUT_ERROR = 3
+EXIT_CALIBRATION_ERROR = 4
+
+app = typer.Typer(
+    name="advsentry",
+    help="Adversarial-input detection for image models served by Triton.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Adversarial-input detection for image models served by Triton."""
+
+
+_score_cmd.register(app)
+
+
+def main() -> None:  # pragma: no cover - console entry point convenience
+    app()

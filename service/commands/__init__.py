@@ -1,0 +1,1 @@
+"""The ``advsentry`` subcommands; each module exposes ``register(app)``."""

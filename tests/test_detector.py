@@ -1,0 +1,141 @@
+"""Detector: scores, verdicts, combiners and the calibration artifact's safety checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from detector import (
+    CalibrationArtifact,
+    CalibrationError,
+    Detector,
+    LogisticCombiner,
+    ModelIdentity,
+    ScoreConfig,
+    average_local_spatial_entropy,
+)
+from detector.models import bundled_identity
+
+MODEL = ModelIdentity("toy", "ab" * 32)
+
+
+def _artifact(tmp_path, threshold=2.0, features=None, model=MODEL, name="cal.json"):
+    artifact = CalibrationArtifact.create(threshold, features or {"feature_response": ScoreConfig()}, model)
+    path = tmp_path / name
+    artifact.save(path)
+    return path
+
+
+def test_score_maps_is_the_entropy_and_verdict_uses_the_threshold(tmp_path):
+    detector = Detector(ScoreConfig(levels=16), model_identity=MODEL)
+    maps = {"feature_response": torch.rand(3, 3, 20, 20)}
+    maps["feature_response"][1] = 1.0  # constant map: entropy 0
+    scores = detector.score_maps(maps)
+    torch.testing.assert_close(scores, average_local_spatial_entropy(maps["feature_response"], ScoreConfig(levels=16)))
+    with pytest.raises(CalibrationError, match="no threshold"):
+        detector.verdict(scores)
+    assert detector.verdict(scores, threshold=1.0).tolist() == [True, False, True]
+
+
+def test_artifact_round_trip_sets_threshold_and_id(tmp_path):
+    path = _artifact(tmp_path, threshold=2.5)
+    detector = Detector(model_identity=MODEL)
+    artifact = detector.load_calibration(path)
+    assert detector.threshold == 2.5
+    assert detector.calibration_id == artifact.id and artifact.id.startswith("cal-")
+    document = json.loads(path.read_text())
+    for key in ("schema", "threshold", "features", "model", "created_at", "versions", "checksum"):
+        assert key in document
+    assert document["model"] == {"name": "toy", "weights_sha256": "ab" * 32}
+    assert document["versions"]["torch"].startswith("2.13.0")
+
+
+def test_tampered_artifact_is_refused(tmp_path):
+    path = _artifact(tmp_path)
+    document = json.loads(path.read_text())
+    document["threshold"] = 0.1
+    path.write_text(json.dumps(document))
+    with pytest.raises(CalibrationError, match="checksum mismatch"):
+        Detector(model_identity=MODEL).load_calibration(path)
+
+
+def test_artifact_for_another_score_config_is_refused_naming_the_fields(tmp_path):
+    path = _artifact(tmp_path, features={"feature_response": ScoreConfig(levels=16, patch=5)})
+    with pytest.raises(CalibrationError) as error:
+        Detector(ScoreConfig(), model_identity=MODEL).load_calibration(path)
+    assert "levels: 16 != 256" in str(error.value)
+    assert "patch: 5 != 3" in str(error.value)
+
+
+def test_artifact_for_another_model_is_refused(tmp_path):
+    path = _artifact(tmp_path, model=ModelIdentity("toy", "cd" * 32))
+    with pytest.raises(CalibrationError, match="model weights: artifact sha256 cdcdcd"):
+        Detector(model_identity=MODEL).load_calibration(path)
+    path = _artifact(tmp_path, model=bundled_identity(), name="bundled.json")
+    with pytest.raises(CalibrationError, match="artifact was fitted on 'efficientnet-lite0', detector runs 'toy'"):
+        Detector(model_identity=MODEL).load_calibration(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not a readable JSON file"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"schema": "other/v9"}', "schema is 'other/v9'"),
+    ],
+)
+def test_malformed_artifacts_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(CalibrationError, match=message):
+        Detector(model_identity=MODEL).load_calibration(path)
+    with pytest.raises(CalibrationError, match="no such file"):
+        Detector(model_identity=MODEL).load_calibration(tmp_path / "missing.json")
+
+
+def test_logistic_combiner_over_several_maps(tmp_path):
+    features = {"early": ScoreConfig(response="activation", layer="a", gray="mean"), "late": ScoreConfig(levels=8)}
+    combiner = LogisticCombiner(weights=(2.0, -1.0), bias=0.5, mean=(1.0, 2.0), scale=(0.5, 1.0))
+    detector = Detector(features, combiner=combiner, model_identity=MODEL)
+    maps = {"early": torch.rand(2, 4, 12, 12), "late": torch.rand(2, 3, 12, 12)}
+    entropies = detector.entropies(maps)
+    expected = 2.0 * (entropies[:, 0] - 1.0) / 0.5 - 1.0 * (entropies[:, 1] - 2.0) + 0.5
+    torch.testing.assert_close(detector.score_maps(maps), expected)
+    artifact = CalibrationArtifact.create(0.0, features, MODEL, combiner=combiner)
+    artifact.save(tmp_path / "combined.json")
+    loaded = Detector.from_artifact(tmp_path / "combined.json", model_identity=MODEL)
+    assert loaded.combiner == combiner and loaded.feature_outputs == ("early", "late")
+    with pytest.raises(KeyError, match="missing feature map"):
+        loaded.score_maps({"early": maps["early"]})
+    with pytest.raises(ValueError, match="need a fitted combiner"):
+        Detector(features, model_identity=MODEL)
+
+
+def test_detector_on_a_local_model_scores_activation_and_guided_maps():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3),
+    )
+    features = {"act": ScoreConfig(response="activation", layer="1", gray="mean"), "gb": ScoreConfig(levels=32)}
+    combiner = LogisticCombiner(weights=(1.0, 1.0), bias=0.0, mean=(0.0, 0.0), scale=(1.0, 1.0))
+    detector = Detector(features, combiner=combiner, model=model, model_identity=MODEL)
+    pixels = torch.rand(2, 3, 16, 16)
+    outputs = detector.feature_model()(pixels)
+    assert outputs["logits"].shape == (2, 3)
+    assert outputs["act"].shape == (2, 4, 14, 14) and outputs["gb"].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(detector.score(pixels), detector.score_maps(outputs))
+
+
+@pytest.mark.slow
+def test_default_detector_on_the_bundled_model(photo_batch, tmp_path):
+    detector = Detector.default(load_model=True)
+    scores = detector.score(photo_batch)
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+    assert ((scores > 0) & (scores < 3.17)).all()  # 0 < entropy < log2(9) bits
+    threshold = float(scores.median())
+    path = _artifact(tmp_path, threshold=threshold, model=bundled_identity())
+    detector.load_calibration(path)
+    assert detector.verdict(scores).tolist() == (scores > threshold).tolist()
