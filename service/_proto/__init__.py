@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of proto/ (service.protogen); do not edit."""

@@ -1,0 +1,70 @@
+"""``advsentry export-model``: write a Triton model repository serving logits + feature responses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def export_model(
+    out: Annotated[Path, typer.Option(help="Model repository directory to write (created if missing).")],
+    name: Annotated[str, typer.Option(help="Model name in the repository.")] = "efficientnet-lite0",
+    factory: Annotated[Optional[str], typer.Option(
+        help="'package.module:function' returning your eager nn.Module (takes [B,3,H,W] pixels in [0,1]); "
+             "default: the bundled EfficientNet-Lite0. Must be importable where Triton runs.",
+        show_default=False)] = None,
+    weights: Annotated[Optional[Path], typer.Option(
+        help="State dict (torch.save) loaded into the factory's module; copied into the repository.",
+        show_default=False)] = None,
+    torchscript: Annotated[Optional[Path], typer.Option(
+        help="A TorchScript file: refused with the reason (guided backprop needs the eager module); "
+             "use --factory/--weights.", show_default=False)] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="Calibration artifact whose feature maps the model must return (default: the detector default).",
+        show_default=False)] = None,
+    image_size: Annotated[int, typer.Option(min=32, help="Input height and width.")] = 224,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Triton max_batch_size.")] = 8,
+    gpu: Annotated[bool, typer.Option("--gpu", help="KIND_GPU instances instead of KIND_CPU.")] = False,
+    instances: Annotated[int, typer.Option(min=1, help="Model instances.")] = 1,
+) -> None:
+    """Write OUT/NAME/config.pbtxt and OUT/NAME/1/model.py (Python backend) with outputs logits + feature maps."""
+    from detector import DEFAULT_FEATURES, CalibrationError
+    from detector.calibration import CalibrationArtifact
+    from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
+    from service.triton.export import ExportError, ModelSource, export_model_repository
+
+    if torchscript is not None:
+        typer.echo(
+            "error: TorchScript models cannot be exported: guided backpropagation intercepts the activation "
+            "calls of the eager nn.Module; pass --factory module:function (and --weights for a state dict)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_INPUT_ERROR)
+    features = DEFAULT_FEATURES
+    if calibration is not None:
+        try:
+            features = CalibrationArtifact.load(calibration).features
+        except CalibrationError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(EXIT_CALIBRATION_ERROR) from None
+    if weights is not None and factory is None:
+        typer.echo("error: --weights needs --factory (the module the state dict belongs to)", err=True)
+        raise typer.Exit(2)
+    source = ModelSource()
+    if factory is not None:
+        source = ModelSource("state_dict" if weights else "factory", factory, weights)
+    try:
+        path = export_model_repository(
+            out, model_name=name, source=source, features=features, image_size=image_size,
+            max_batch_size=max_batch_size, instance_kind="gpu" if gpu else "cpu", instances=instances,
+        )
+    except ExportError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_INPUT_ERROR) from None
+    typer.echo(f"wrote {path} (outputs: logits, {', '.join(features)})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export-model")(export_model)

@@ -1,0 +1,132 @@
+"""``advsentry serve``: the sidecar in front of a Triton (an existing one, or an embedded one).
+
+With ``--upstream HOST:PORT`` it fronts that Triton. Without it, it exports the
+bundled EfficientNet-Lite0 (logits + feature_response) to a temporary model
+repository, launches the ``tritonserver`` binary shipped by nvidia-pytriton on
+it, and fronts that: one command gives a working, protected Triton.
+
+SIGTERM/SIGINT drain: health goes NOT_SERVING, new calls are refused,
+in-flight calls get ``shutdown_grace_s`` to finish, then Triton is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+LOGGER = logging.getLogger("advsentry.serve")
+
+
+def _option_help(name: str) -> str:
+    from service.settings import Settings
+
+    field = Settings.model_fields[name]
+    env = f"ADVSENTRY_{name.upper()}"
+    default = field.default if field.default is not None else "unset"
+    return f"{field.description} (env {env}; default {getattr(default, 'value', default)})"
+
+
+async def _run_sidecar(settings, model_identity) -> None:
+    from service.grpc.server import Sidecar
+    from service.tracing import configure_tracing
+
+    provider = configure_tracing()
+    sidecar = await Sidecar(settings, model_identity=model_identity).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    typer.echo(f"advsentry: serving KServe-v2 gRPC on {settings.host}:{sidecar.port}"
+               f" -> Triton {sidecar.upstream_address}; metrics on :{sidecar.metrics_port}", err=True)
+    await stop.wait()
+    LOGGER.info("shutting down: draining in-flight calls for up to %ss", settings.shutdown_grace_s)
+    await sidecar.stop()
+    if provider is not None:
+        provider.shutdown()
+
+
+def serve(
+    port: Annotated[Optional[int], typer.Option(help=_option_help("port"), show_default=False)] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help=_option_help("metrics_port"), show_default=False)] = None,
+    upstream: Annotated[Optional[str], typer.Option(help=_option_help("upstream"), show_default=False)] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help=_option_help("calibration"), show_default=False)] = None,
+    policy: Annotated[Optional[str], typer.Option(help=_option_help("policy"), show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML settings file (same keys as the env variables, "
+                                                          "lower case, without the prefix) (env ADVSENTRY_CONFIG_FILE).",
+                                                   show_default=False)] = None,
+    host: Annotated[Optional[str], typer.Option(help=_option_help("host"), show_default=False)] = None,
+    scoring_failure: Annotated[Optional[str], typer.Option(help=_option_help("scoring_failure"), show_default=False)] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help=_option_help("max_batch_size"), show_default=False)] = None,
+    max_batch_delay_ms: Annotated[Optional[float], typer.Option(help=_option_help("max_batch_delay_ms"), show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help=_option_help("device"), show_default=False)] = None,
+    upstream_timeout_s: Annotated[Optional[float], typer.Option(help=_option_help("upstream_timeout_s"), show_default=False)] = None,
+    max_message_bytes: Annotated[Optional[int], typer.Option(help=_option_help("max_message_bytes"), show_default=False)] = None,
+    shutdown_grace_s: Annotated[Optional[float], typer.Option(help=_option_help("shutdown_grace_s"), show_default=False)] = None,
+    model_repository: Annotated[Optional[Path], typer.Option(help=_option_help("embedded_model_repository"), show_default=False)] = None,
+    log_level: Annotated[Optional[str], typer.Option(help=_option_help("log_level"), show_default=False)] = None,
+) -> None:
+    """Run the advsentry sidecar: a transparent KServe-v2 gRPC proxy that scores every input.
+
+    Settings come from flags, then ADVSENTRY_* environment variables, then the
+    YAML file (--config), then defaults. Per-model protection (which outputs
+    hold the feature maps, policy, calibration) is set with `models:` in the
+    YAML file or ADVSENTRY_MODELS (JSON). Tracing: standard OTEL_* variables
+    (e.g. OTEL_EXPORTER_OTLP_ENDPOINT) enable OTLP export; off by default.
+    Scoring failures: scoring_failure=open forwards the output with an
+    advsentry_error parameter, closed answers INTERNAL.
+    """
+    from pydantic import ValidationError
+
+    from service.cli import EXIT_CALIBRATION_ERROR
+    from service.settings import load_settings
+
+    try:
+        settings = load_settings(
+            config, port=port, metrics_port=metrics_port, upstream=upstream, calibration=calibration, policy=policy,
+            host=host, scoring_failure=scoring_failure, max_batch_size=max_batch_size,
+            max_batch_delay_ms=max_batch_delay_ms, device=device, upstream_timeout_s=upstream_timeout_s,
+            max_message_bytes=max_message_bytes, shutdown_grace_s=shutdown_grace_s,
+            embedded_model_repository=model_repository, log_level=log_level,
+        )
+    except (ValidationError, ValueError) as error:
+        typer.echo(f"error: invalid settings: {error}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from detector import CalibrationError
+
+    triton = None
+    identity = {}
+    try:
+        if settings.upstream is None:
+            from detector.models import BUNDLED_MODEL_NAME, bundled_identity
+            from service.triton.export import export_model_repository
+            from service.triton.server import TritonServer
+
+            repository = settings.embedded_model_repository
+            workdir = None
+            if repository is None:
+                workdir = tempfile.TemporaryDirectory(prefix="advsentry-repo-")
+                repository = Path(workdir.name)
+                export_model_repository(repository, max_batch_size=settings.embedded_max_batch_size, probe=False)
+                identity = {BUNDLED_MODEL_NAME: bundled_identity()}
+            typer.echo(f"advsentry: starting embedded Triton on {repository}", err=True)
+            triton = TritonServer(repository).start()
+            settings = settings.model_copy(update={"upstream": triton.grpc_address})
+        asyncio.run(_run_sidecar(settings, identity))
+    except CalibrationError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_CALIBRATION_ERROR) from None
+    finally:
+        if triton is not None:
+            triton.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

@@ -1,0 +1,177 @@
+"""advsentry's own ``advsentry.v1.DetectorService`` (proto/advsentry/v1/detector.proto).
+
+Thin: requests are turned into the same calls the proxy makes (metadata
+lookup, upstream inference, micro-batched scoring), so a Detect call is scored
+in the same batches and by the same detector as proxied traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from detector import CalibrationError
+
+from .._proto.advsentry.v1 import detector_pb2, detector_pb2_grpc
+from ..inference import RequestError, output_array, validate_request
+
+LOGGER = logging.getLogger(__name__)
+DETECTOR_SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
+
+
+def _map_array(tensor: detector_pb2.Tensor) -> np.ndarray:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    if tensor.datatype != "FP32":
+        raise RequestError(invalid, f"feature map {tensor.name!r}: datatype {tensor.datatype!r}, expected FP32")
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) not in (3, 4) or any(d <= 0 for d in shape):
+        raise RequestError(invalid, f"feature map {tensor.name!r}: shape {list(shape)}, expected [B,C,H,W] or [B,H,W]")
+    needed = int(np.prod(shape)) * 4
+    if len(tensor.raw_contents) != needed:
+        raise RequestError(invalid, f"feature map {tensor.name!r}: {len(tensor.raw_contents)} bytes, shape needs {needed}")
+    array = np.frombuffer(tensor.raw_contents, dtype="<f4").reshape(shape)
+    if not np.isfinite(array).all():
+        raise RequestError(invalid, f"feature map {tensor.name!r}: contains NaN or infinite values")
+    return array
+
+
+class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
+    def __init__(self, sidecar) -> None:
+        self.sidecar = sidecar
+
+    async def _maps_from_upstream(self, request: detector_pb2.DetectRequest, feature_outputs, timeout: float):
+        infer = service_pb2.ModelInferRequest(model_name=request.model_name, model_version=request.model_version,
+                                              id=request.id)
+        for tensor in request.inputs:
+            infer.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
+            infer.raw_input_contents.append(tensor.raw_contents)
+        for name in feature_outputs:
+            infer.outputs.add(name=name)
+        spec = await self.sidecar.upstream.model_spec(request.model_name, request.model_version)
+        if spec is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {request.model_name!r} is not available upstream")
+        validate_request(infer, spec)
+        try:
+            response = await self.sidecar.upstream.stub.ModelInfer(infer, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise RequestError(error.code(), f"upstream: {error.details()}") from None
+        return {name: output_array(response, name) for name in feature_outputs}
+
+    async def _detect(self, request: detector_pb2.DetectRequest, timeout: float) -> detector_pb2.DetectResponse:
+        if not request.model_name:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model_name is required (it selects the detector)")
+        if bool(request.feature_maps) == bool(request.inputs):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "give either feature_maps or inputs (exactly one)")
+        try:
+            model_detector = self.sidecar.registry.get(request.model_name)
+        except CalibrationError as error:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
+        outputs = model_detector.feature_outputs
+        if request.feature_maps:
+            given = {t.name: t for t in request.feature_maps}
+            if set(given) != set(outputs):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"feature_maps must be exactly {list(outputs)}, got {sorted(given)}")
+            maps = {name: _map_array(given[name]) for name in outputs}
+        else:
+            maps = await self._maps_from_upstream(request, outputs, timeout)
+        key = (request.model_name, tuple((name, maps[name].shape[1:]) for name in outputs))
+        try:
+            scores = await self.sidecar.batcher.score(key, maps)
+        except ValueError as error:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        threshold = model_detector.threshold
+        reply = detector_pb2.DetectResponse(id=request.id, model_name=request.model_name,
+                                            calibration_id=model_detector.calibration_id or "")
+        if threshold is not None:
+            reply.threshold = float(threshold)
+        for score in scores:
+            reply.verdicts.add(score=float(score), adversarial=bool(threshold is not None and score > threshold))
+        return reply
+
+    def _timeout(self, context) -> float:
+        remaining = context.time_remaining()
+        limit = self.sidecar.settings.upstream_timeout_s
+        return limit if remaining is None else max(0.001, min(limit, remaining))
+
+    async def Detect(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            return await self._detect(request, self._timeout(context))
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+
+    async def DetectStream(self, request_iterator: AsyncIterator, context):  # noqa: N802
+        pending: asyncio.Queue = asyncio.Queue(maxsize=128)
+        done = object()
+
+        async def one(request):
+            try:
+                return await self._detect(request, self._timeout(context))
+            except RequestError as error:
+                return detector_pb2.DetectResponse(id=request.id, model_name=request.model_name,
+                                                   error_message=error.message, error_code=error.code.name)
+            except Exception as error:  # noqa: BLE001 - one bad message must not end the stream
+                LOGGER.exception("DetectStream message failed")
+                return detector_pb2.DetectResponse(id=request.id, error_message=str(error), error_code="INTERNAL")
+
+        async def read():
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.ensure_future(one(request)))
+            finally:
+                await pending.put(done)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await pending.get()) is not done:
+                yield await item
+        finally:
+            reader.cancel()
+
+    async def GetStatus(self, request, context):  # noqa: N802
+        sidecar = self.sidecar
+        settings = sidecar.settings
+        reply = detector_pb2.GetStatusResponse(
+            upstream=sidecar.upstream_address,
+            upstream_ready=bool(sidecar.health.upstream_ready),
+            default_policy=settings.policy.value,
+            scoring_failure=settings.scoring_failure.value,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_ms=settings.max_batch_delay_ms,
+        )
+        names = {d.model for d in sidecar.registry.known()} | set(settings.models)
+        for name in sorted(names):
+            try:
+                model_detector = sidecar.registry.get(name)
+            except CalibrationError as error:
+                reply.models.add(model_name=name, calibration_source=f"error: {error}")
+                continue
+            status = reply.models.add(
+                model_name=name,
+                feature_outputs=list(model_detector.feature_outputs),
+                calibration_id=model_detector.calibration_id or "",
+                calibration_source=model_detector.calibration_source or "",
+                score_config_json=json.dumps(
+                    {k: v.to_dict() for k, v in model_detector.detector.features.items()}, sort_keys=True),
+                policy=settings.policy_for(name).value,
+            )
+            if model_detector.threshold is not None:
+                status.threshold = float(model_detector.threshold)
+        for metric in sidecar.metrics.registry.collect():
+            if metric.name in ("advsentry_requests", "advsentry_errors", "advsentry_calibration_reloads",
+                               "advsentry_inputs"):
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                        reply.counters[f"{sample.name}{{{labels}}}"] = sample.value
+        return reply
+
+
+def add_detector_service(server: grpc.aio.Server, sidecar) -> None:
+    detector_pb2_grpc.add_DetectorServiceServicer_to_server(DetectorApi(sidecar), server)

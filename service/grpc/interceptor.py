@@ -1,0 +1,144 @@
+"""Library use: protect your own KServe-v2 ``grpc.aio`` server with a server interceptor.
+
+For teams that run their own KServe-v2 server instead of Triton::
+
+    from service.grpc.interceptor import build_interceptor
+    from service.settings import Settings
+
+    interceptor = build_interceptor(Settings(models={"my-model": {}}, calibration="cal.json"))
+    server = grpc.aio.server(interceptors=[interceptor])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(MyServicer(), server)
+
+The interceptor wraps the server's own ModelInfer handler with the same
+:class:`~service.inference.InferenceCore` the sidecar uses (request rewriting,
+batched scoring, policy, stripping, metrics, spans); the "upstream" is simply
+the wrapped handler. ModelStreamInfer messages are answered one by one through
+the server's ModelInfer handler, in order, with ``error_message`` on failure.
+Models must be listed in ``Settings.models`` (no metadata lookup happens, so
+auto-protection and metadata-based validation are off; raw byte sizes and
+NaN/Inf are still checked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+from ..batching import MicroBatcher
+from ..detectors import DetectorRegistry
+from ..inference import InferenceCore, ModelSpec, RequestError
+from ..metrics import SidecarMetrics
+from ..settings import Settings
+
+_PREFIX = "/inference.GRPCInferenceService/"
+
+
+def _call_details(method: str, like):
+    """Call details for another method of the same call (grpc.aio insists on its own Cython type)."""
+    try:
+        from grpc._cython import cygrpc
+
+        return cygrpc._HandlerCallDetails(method, like.invocation_metadata)  # noqa: SLF001
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other grpc builds
+        return type(like)(method, like.invocation_metadata)
+
+
+async def _no_metadata(model: str, version: str) -> ModelSpec | None:
+    return None
+
+
+class AdvSentryInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps ModelInfer / ModelStreamInfer handlers of the server it is installed on."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    async def close(self) -> None:
+        """Stop the micro-batcher (call from the server's event loop on shutdown)."""
+        await self.core.batcher.close()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(_PREFIX):
+            return handler
+        if method.endswith("/ModelInfer") and handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if method.endswith("/ModelStreamInfer") and handler.stream_stream is not None:
+            unary = await continuation(_call_details(_PREFIX + "ModelInfer", handler_call_details))
+            if unary is None or unary.unary_unary is None:
+                return handler
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(unary.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _local(self, behavior, context):
+        async def call(request, metadata):
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return call
+
+    def _wrap_unary(self, behavior):
+        async def wrapped(request, context):
+            try:
+                return await self.core.infer(request, self._local(behavior, context),
+                                             tuple(context.invocation_metadata() or ()))
+            except RequestError as error:
+                if error.trailing_metadata:
+                    context.set_trailing_metadata(error.trailing_metadata)
+                await context.abort(error.code, error.message)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior):
+        async def wrapped(request_iterator: AsyncIterator, context):
+            metadata = tuple(context.invocation_metadata() or ())
+            async for request in request_iterator:
+                try:
+                    response = await self.core.infer(request, self._local(behavior, context), metadata)
+                    yield service_pb2.ModelStreamInferResponse(infer_response=response)
+                except RequestError as error:
+                    yield service_pb2.ModelStreamInferResponse(
+                        error_message=f"[StatusCode.{error.code.name}] {error.message}",
+                        infer_response=service_pb2.ModelInferResponse(
+                            id=request.id, model_name=request.model_name, model_version=request.model_version),
+                    )
+
+        return wrapped
+
+
+def build_interceptor(settings: Settings, *, metrics: SidecarMetrics | None = None,
+                      metadata_lookup=None, tracer_provider=None) -> AdvSentryInterceptor:
+    """An interceptor with its own detector registry, micro-batcher and metrics (serve them yourself)."""
+    metrics = metrics or SidecarMetrics()
+    registry = DetectorRegistry(
+        default_calibration=settings.calibration,
+        per_model_calibration={m: p.calibration for m, p in settings.models.items() if p.calibration},
+        per_model_outputs={m: p.feature_outputs for m, p in settings.models.items() if p.feature_outputs},
+        device=settings.device,
+        metrics=metrics,
+    )
+    batcher = MicroBatcher(registry.score, max_batch_size=settings.max_batch_size,
+                           max_batch_delay_ms=settings.max_batch_delay_ms)
+    core = InferenceCore(
+        settings=settings.model_copy(update={"protect_all": False}),
+        registry=registry,
+        batcher=batcher,
+        metrics=metrics,
+        metadata_lookup=metadata_lookup or _no_metadata,
+        upstream_name="local",
+        tracer_provider=tracer_provider,
+    )
+    return AdvSentryInterceptor(core)

@@ -1,0 +1,150 @@
+"""Assemble the sidecar: gRPC server, upstream, detectors, batcher, metrics, health, reflection.
+
+:class:`Sidecar` is what ``advsentry serve`` runs and what the end-to-end tests
+start in-process. Shutdown order matters for draining: health goes NOT_SERVING,
+the server stops accepting calls and gives in-flight ones ``grace`` seconds,
+and only then are the batcher and the upstream channel closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+
+from detector import ModelIdentity
+
+from ..batching import MicroBatcher
+from ..detectors import DetectorRegistry
+from ..health import UpstreamHealth
+from ..inference import InferenceCore
+from ..metrics import SidecarMetrics
+from ..settings import Settings
+from ..upstream import Upstream, channel_options
+from .proxy import SERVICE, InferenceProxy
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Sidecar:
+    """One running sidecar in the current event loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        upstream: str | None = None,
+        model_identity: Mapping[str, ModelIdentity] | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        metrics: SidecarMetrics | None = None,
+    ) -> None:
+        address = upstream or settings.upstream
+        if not address:
+            raise ValueError("the sidecar needs an upstream Triton address")
+        self.settings = settings
+        self.upstream_address = address
+        self.model_identity = dict(model_identity or {})
+        self.tracer_provider = tracer_provider
+        self.metrics = metrics or SidecarMetrics()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._metrics_http = None
+
+    async def start(self) -> "Sidecar":
+        s = self.settings
+        self.registry = DetectorRegistry(
+            default_calibration=s.calibration,
+            per_model_calibration={m: p.calibration for m, p in s.models.items() if p.calibration},
+            per_model_outputs={m: p.feature_outputs for m, p in s.models.items() if p.feature_outputs},
+            model_identity=self.model_identity,
+            device=s.device,
+            metrics=self.metrics,
+        )
+
+        def observe(key, inputs: int, requests: int, seconds: float) -> None:
+            self.metrics.batch_size.labels(key[0]).observe(inputs)
+            self.metrics.batch_requests.labels(key[0]).observe(requests)
+            self.metrics.detector_latency.labels(key[0]).observe(seconds)
+
+        self.batcher = MicroBatcher(
+            self.registry.score,
+            max_batch_size=s.max_batch_size,
+            max_batch_delay_ms=s.max_batch_delay_ms,
+            observer=observe,
+        )
+        self.upstream = Upstream(self.upstream_address, max_message_bytes=s.max_message_bytes)
+        self.core = InferenceCore(
+            settings=s,
+            registry=self.registry,
+            batcher=self.batcher,
+            metrics=self.metrics,
+            metadata_lookup=self.upstream.model_spec,
+            upstream_name=self.upstream_address,
+            tracer_provider=self.tracer_provider,
+        )
+        self.proxy = InferenceProxy(
+            self.core, self.upstream.channel, upstream_timeout_s=s.upstream_timeout_s, metrics=self.metrics
+        )
+        self._server = grpc.aio.server(options=channel_options(s.max_message_bytes))
+        self._server.add_generic_rpc_handlers((self.proxy.generic_handler(),))
+        services = [SERVICE]
+        try:
+            from .detector_api import DETECTOR_SERVICE, add_detector_service
+
+            add_detector_service(self._server, self)
+            services.append(DETECTOR_SERVICE)
+        except ImportError:  # pragma: no cover - generated stubs missing
+            LOGGER.warning("advsentry DetectorService stubs not available; own API disabled")
+        self.health = UpstreamHealth(
+            services,
+            self.upstream.ready,
+            poll_s=s.health_poll_s,
+            on_change=lambda ready: self.metrics.upstream_up.set(1 if ready else 0),
+        )
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._server)
+        reflection.enable_server_reflection(
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC listener on {s.host}:{s.port}")
+        await self._server.start()
+        await self.health.start()
+        if s.metrics_port > 0:
+            self._metrics_http, _ = self.metrics.serve(s.metrics_port, s.metrics_host)
+            self.metrics_port = int(self._metrics_http.server_port)
+        self._tasks.append(asyncio.ensure_future(self.registry.watch(s.calibration_poll_s)))
+        LOGGER.info(
+            "advsentry sidecar on %s:%s -> Triton %s (metrics on :%s, policy %s)",
+            s.host, self.port, self.upstream_address, self.metrics_port, s.policy.value,
+        )
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace`` seconds."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        if self._server is None:
+            return
+        await self.health.shutdown()
+        await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await self.batcher.close()
+        await self.upstream.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

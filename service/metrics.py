@@ -1,0 +1,112 @@
+"""Prometheus metrics of the sidecar, on their own HTTP port.
+
+One :class:`SidecarMetrics` owns one ``CollectorRegistry`` (not the global one),
+so several sidecars in one process (tests, the library interceptor inside a
+team's server) do not collide. Names follow Prometheus conventions: base units
+in the name (``_seconds``), ``_total`` for counters, ``_info`` for info gauges;
+every per-request series is labelled by ``model`` and ``version``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Single-map scores are entropies in bits (0 .. log2(patch²) ≈ 3.17 for 3x3);
+# combined (logistic) scores are logits. Fine buckets in [0, 4], coarse outside.
+_SCORE_BUCKETS = (-8.0, -4.0, -2.0, -1.0, 0.0, *[round(0.25 * i, 2) for i in range(1, 17)], 6.0, 8.0, 16.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+LABELS = ("model", "version")
+
+
+class SidecarMetrics:
+    """All advsentry series; methods are called by the interception core and the batcher."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "advsentry_requests",
+            "Intercepted inference requests by verdict (clean|adversarial|unscored) and outcome "
+            "(forwarded|annotated|rejected|shadowed|failed).",
+            (*LABELS, "verdict", "outcome", "policy"),
+            registry=r,
+        )
+        self.inputs = Counter(
+            "advsentry_inputs",
+            "Scored inputs (batch items) by verdict.",
+            (*LABELS, "verdict"),
+            registry=r,
+        )
+        self.score = Histogram("advsentry_score", "Detector score per input.", LABELS, buckets=_SCORE_BUCKETS, registry=r)
+        self.threshold = Gauge("advsentry_threshold", "Decision threshold in force (NaN: none).", LABELS, registry=r)
+        self.calibration = Gauge(
+            "advsentry_calibration_info",
+            "Calibration artifact in force (value 1).",
+            (*LABELS, "calibration_id", "source"),
+            registry=r,
+        )
+        self.calibration_reloads = Counter(
+            "advsentry_calibration_reloads",
+            "Calibration file reload attempts by result (loaded|refused).",
+            ("result",),
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "advsentry_upstream_latency_seconds", "Time in the upstream Triton call.", LABELS,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.scoring_latency = Histogram(
+            "advsentry_scoring_latency_seconds",
+            "Time from a request's maps entering the batcher to its scores (queueing + detector).",
+            LABELS, buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead_latency = Histogram(
+            "advsentry_proxy_overhead_seconds",
+            "Request time not spent upstream or scoring (validation, decoding, policy, rewriting).",
+            LABELS, buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.request_latency = Histogram(
+            "advsentry_request_duration_seconds", "End-to-end time of an intercepted request.", LABELS,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "advsentry_batch_size", "Inputs scored per batched detector call.", ("model",),
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.batch_requests = Histogram(
+            "advsentry_batch_requests", "Requests merged into one batched detector call.", ("model",),
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.detector_latency = Histogram(
+            "advsentry_detector_call_seconds", "Duration of one batched detector call.", ("model",),
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.errors = Counter(
+            "advsentry_errors", "Requests answered with a non-OK gRPC status, by code.", (*LABELS, "code"), registry=r
+        )
+        self.in_flight = Gauge("advsentry_in_flight_requests", "Intercepted requests in progress.", LABELS, registry=r)
+        self.passthrough = Counter(
+            "advsentry_passthrough_requests", "RPCs forwarded unchanged, by method and gRPC code.", ("method", "code"),
+            registry=r,
+        )
+        self.upstream_up = Gauge("advsentry_upstream_ready", "1 when the upstream Triton reports ready.", registry=r)
+
+    def set_calibration(self, model: str, version: str, calibration_id: str | None, source: str,
+                        threshold: float | None) -> None:
+        """Replace the calibration info series of a model (only the one in force has value 1)."""
+        for labels in list(self.calibration._metrics):  # noqa: SLF001 - prometheus_client has no public "remove all"
+            if labels[0] == model and labels[1] == version:
+                self.calibration.remove(*labels)
+        self.calibration.labels(model, version, calibration_id or "none", source).set(1)
+        self.threshold.labels(model, version).set(float("nan") if threshold is None else threshold)
+
+    def exposition(self) -> bytes:
+        """The text exposition format (what /metrics serves)."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0"):
+        """Start the /metrics HTTP server in a daemon thread; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,109 @@
+"""Triton Python-backend model that serves logits and the detector's feature responses.
+
+This file is copied verbatim as ``<repository>/<model>/1/model.py`` by
+``advsentry export-model``. It reads ``advsentry_model.json`` next to it:
+
+- ``source``: ``{"kind": "bundled"}`` (EfficientNet-Lite0 shipped with
+  advsentry), ``{"kind": "factory", "callable": "pkg.module:function"}`` (a
+  function returning an eager ``nn.Module`` that takes ``[B, 3, H, W]`` pixels in
+  ``[0, 1]``) or ``{"kind": "state_dict", ...}`` (factory + weights file);
+- ``features``: ``{output name: ScoreConfig dict}``, the maps the detector reads;
+- ``input``: the name of the pixel input.
+
+Why the feature responses are computed here and not in the sidecar: guided
+backpropagation needs the model's forward and backward pass, which already
+happens where the model lives; the sidecar then only receives the maps as
+ordinary outputs and computes entropies, so it never needs the model weights.
+Feature maps are only computed when a request asks for them (a direct client
+that asks for ``logits`` only pays for one forward pass under ``no_grad``).
+
+Why the ``ADVSENTRY_PYTHONPATH`` handling: the Python-backend stub ignores
+``PYTHONPATH``; Triton setups that do not install advsentry into the stub's
+interpreter can point this variable at the directories that hold the
+``detector`` package.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+for _entry in reversed(os.environ.get("ADVSENTRY_PYTHONPATH", "").split(os.pathsep)):
+    if _entry and _entry not in sys.path:
+        sys.path.insert(0, _entry)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+def _load_module(source, device):
+    import importlib
+
+    import torch
+
+    kind = source.get("kind")
+    if kind == "bundled":
+        from detector.models import load_bundled_model
+
+        return load_bundled_model(device)
+    if kind in ("factory", "state_dict"):
+        module_name, _, attribute = source["callable"].partition(":")
+        factory = getattr(importlib.import_module(module_name), attribute)
+        model = factory()
+        if kind == "state_dict":
+            weights = Path(__file__).with_name(source["weights"])
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model = model.eval().to(device)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model
+    raise ValueError(f"advsentry_model.json: unknown source kind {kind!r}")
+
+
+class TritonPythonModel:
+    """Batched ``pixels -> logits (+ feature maps)``; Triton's dynamic batcher fills the batch."""
+
+    def initialize(self, args):
+        import torch
+
+        from detector import ScoreConfig
+        from detector.features import FeatureModel
+
+        spec = json.loads(Path(__file__).with_name("advsentry_model.json").read_text())
+        use_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{args.get('model_instance_device_id', 0)}" if use_gpu else "cpu")
+        self.input_name = spec["input"]
+        self.features = {name: ScoreConfig.from_dict(cfg) for name, cfg in spec["features"].items()}
+        self.model = _load_module(spec["source"], self.device)
+        self.feature_model = FeatureModel(self.model, self.features)
+
+    def execute(self, requests):
+        import torch
+
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        sizes = [a.shape[0] for a in arrays]
+        wanted = set()
+        for request in requests:
+            names = request.requested_output_names()
+            wanted.update(names if names else ["logits", *self.features])
+        pixels = torch.from_numpy(np.concatenate(arrays).astype(np.float32, copy=False)).to(self.device)
+        need_maps = any(name in self.features for name in wanted)
+        if need_maps:
+            # Guided backprop needs autograd: no torch.no_grad() here.
+            outputs = self.feature_model(pixels)
+        else:
+            with torch.no_grad():
+                outputs = {"logits": self.model(pixels)}
+        outputs = {k: v.detach().to("cpu").float().numpy() for k, v in outputs.items()}
+        responses = []
+        start = 0
+        for request, size in zip(requests, sizes):
+            names = request.requested_output_names() or ["logits", *self.features]
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(outputs[name][start : start + size]))
+                for name in names
+                if name in outputs
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses

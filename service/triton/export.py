@@ -1,0 +1,199 @@
+"""Write a standard Triton model repository for a model plus the detector's feature outputs.
+
+The repository is plain Triton: ``<out>/<name>/config.pbtxt`` and
+``<out>/<name>/1/model.py`` (Python backend) with ``advsentry_model.json``
+beside it. Any Triton 2.x with the Python backend loads it, provided the stub's
+interpreter can import torch and advsentry's ``detector`` package.
+
+The model takes ``pixels`` (FP32 ``[B, 3, H, W]`` in ``[0, 1]``) and returns
+``logits`` (FP32 ``[B, classes]``) and one FP32 output per feature map of the
+detector (``feature_response`` by default, ``[B, 3, H, W]``). The exporter runs
+the model once on a blank image before writing anything, so a model that
+guided backpropagation cannot handle is refused at export time, not at the
+first request.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detector import ScoreConfig
+
+PIXELS_INPUT = "pixels"
+LOGITS_OUTPUT = "logits"
+BACKEND_MODEL_FILE = Path(__file__).with_name("backend_model.py")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported (and why)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the Triton-side ``model.py`` gets its ``nn.Module`` from.
+
+    kind ``bundled``: the EfficientNet-Lite0 shipped with advsentry.
+    kind ``factory``: ``callable`` ("package.module:function") returns the module.
+    kind ``state_dict``: as ``factory``, then loads ``weights`` (copied into the repository).
+    """
+
+    kind: str = "bundled"
+    callable: str | None = None
+    weights: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"kind": self.kind}
+        if self.callable:
+            document["callable"] = self.callable
+        if self.weights is not None:
+            document["weights"] = "weights.pt"
+        return document
+
+
+def _instantiate(source: ModelSource):
+    import importlib
+
+    import torch
+
+    if source.kind == "bundled":
+        from detector.models import load_bundled_model
+
+        return load_bundled_model("cpu")
+    if not source.callable or ":" not in source.callable:
+        raise ExportError(f"model factory must look like 'package.module:function', got {source.callable!r}")
+    module_name, _, attribute = source.callable.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ExportError(f"cannot import model factory {source.callable!r}: {error}") from error
+    model = factory()
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise ExportError(
+            "the factory returned a TorchScript module; guided backpropagation intercepts activation "
+            "calls in Python, so export the eager nn.Module (TorchScript is accepted only as weights "
+            "via --weights with a state dict)"
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"model factory returned {type(model).__name__}, expected torch.nn.Module")
+    if source.kind == "state_dict":
+        if source.weights is None or not Path(source.weights).is_file():
+            raise ExportError(f"weights file {source.weights} does not exist")
+        state = torch.load(source.weights, map_location="cpu", weights_only=True)
+        if isinstance(state, torch.jit.ScriptModule):  # pragma: no cover - defensive
+            state = state.state_dict()
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError) as error:
+            raise ExportError(f"weights {source.weights} do not fit the model: {error}") from error
+    return model.eval()
+
+
+def probe_model(model, features: Mapping[str, ScoreConfig], image_size: int) -> int:
+    """Run the feature model once; returns the number of classes. Raises :class:`ExportError`."""
+    import torch
+
+    from detector import UnsupportedModelError
+    from detector.features import FeatureModel
+
+    pixels = torch.full((1, 3, image_size, image_size), 0.5)
+    try:
+        outputs = FeatureModel(model, features)(pixels)
+    except (UnsupportedModelError, KeyError, ValueError, RuntimeError) as error:
+        raise ExportError(f"the model cannot produce the detector's feature maps: {error}") from error
+    logits = outputs[LOGITS_OUTPUT]
+    if logits.dim() != 2:
+        raise ExportError(f"the model must return logits [B, classes], got shape {tuple(logits.shape)}")
+    for name in features:
+        if tuple(outputs[name].shape[1:]) != (3, image_size, image_size):
+            raise ExportError(f"feature map {name!r} has shape {tuple(outputs[name].shape)}, expected [1, 3, H, W]")
+    return int(logits.shape[1])
+
+
+def config_pbtxt(
+    name: str,
+    feature_outputs: list[str],
+    *,
+    classes: int,
+    image_size: int,
+    max_batch_size: int,
+    instance_kind: str,
+    instances: int,
+    max_queue_delay_us: int,
+) -> str:
+    """The model's ``config.pbtxt`` text."""
+    outputs = [f'  {{ name: "{LOGITS_OUTPUT}" data_type: TYPE_FP32 dims: [ {classes} ] }}']
+    outputs += [
+        f'  {{ name: "{out}" data_type: TYPE_FP32 dims: [ 3, {image_size}, {image_size} ] }}' for out in feature_outputs
+    ]
+    kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
+    return (
+        f'name: "{name}"\n'
+        'backend: "python"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f'input [\n  {{ name: "{PIXELS_INPUT}" data_type: TYPE_FP32 dims: [ 3, {image_size}, {image_size} ] }}\n]\n'
+        "output [\n" + ",\n".join(outputs) + "\n]\n"
+        f"instance_group [ {{ kind: {kind} count: {instances} }} ]\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
+        'parameters { key: "advsentry_feature_outputs" value: { string_value: "'
+        + ",".join(feature_outputs)
+        + '" } }\n'
+    )
+
+
+def export_model_repository(
+    out: str | Path,
+    *,
+    model_name: str = "efficientnet-lite0",
+    source: ModelSource | None = None,
+    features: Mapping[str, ScoreConfig] | None = None,
+    image_size: int = 224,
+    max_batch_size: int = 8,
+    instance_kind: str = "cpu",
+    instances: int = 1,
+    max_queue_delay_us: int = 2000,
+    probe: bool = True,
+) -> Path:
+    """Write ``<out>/<model_name>/`` and return its path. Existing model directories are replaced."""
+    from detector import DEFAULT_FEATURES
+
+    source = source or ModelSource()
+    features = dict(features or DEFAULT_FEATURES)
+    if instance_kind not in ("cpu", "gpu"):
+        raise ExportError(f"instance kind must be 'cpu' or 'gpu', got {instance_kind!r}")
+    if LOGITS_OUTPUT in features or PIXELS_INPUT in features:
+        raise ExportError(f"feature outputs may not be named {LOGITS_OUTPUT!r} or {PIXELS_INPUT!r}")
+    classes = 1000
+    if probe or source.kind != "bundled":
+        classes = probe_model(_instantiate(source), features, image_size)
+    model_dir = Path(out) / model_name
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(
+        config_pbtxt(
+            model_name,
+            list(features),
+            classes=classes,
+            image_size=image_size,
+            max_batch_size=max_batch_size,
+            instance_kind=instance_kind,
+            instances=instances,
+            max_queue_delay_us=max_queue_delay_us,
+        )
+    )
+    shutil.copyfile(BACKEND_MODEL_FILE, version_dir / "model.py")
+    if source.weights is not None:
+        shutil.copyfile(source.weights, version_dir / "weights.pt")
+    spec = {
+        "source": source.to_json(),
+        "input": PIXELS_INPUT,
+        "features": {name: config.to_dict() for name, config in features.items()},
+    }
+    (version_dir / "advsentry_model.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    return model_dir

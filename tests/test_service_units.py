@@ -1,0 +1,181 @@
+"""Sidecar units without Triton: micro-batching, request validation, output stripping, policy,
+settings precedence, tracing switches and stub staleness."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2
+
+from service.batching import MicroBatcher
+from service.inference import ModelSpec, RequestError, TensorSpec, output_array, strip_outputs, validate_request
+from service.policy import Assessment, PolicyRejection, apply_policy
+from service.settings import Policy, load_settings
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_one_detector_call_and_keep_their_scores():
+    calls: list[int] = []
+
+    def score(key, maps):
+        calls.append(maps["m"].shape[0])
+        time.sleep(0.01)
+        return maps["m"].reshape(maps["m"].shape[0], -1).sum(axis=1)
+
+    async def main():
+        batcher = MicroBatcher(score, max_batch_size=8, max_batch_delay_ms=50)
+        arrays = [np.full((1, 2, 2), i, np.float32) for i in range(8)]
+        results = await asyncio.gather(*(batcher.score(("m",), {"m": a}) for a in arrays))
+        await batcher.close()
+        return results
+
+    results = _run(main())
+    assert [float(r[0]) for r in results] == [4.0 * i for i in range(8)]
+    assert calls == [8]  # one full batch, scored without waiting for the delay
+
+
+def test_batches_are_bounded_by_size_and_delay_and_split_by_key():
+    sizes: list[tuple] = []
+
+    def score(key, maps):
+        sizes.append((key, maps["m"].shape[0]))
+        return np.zeros(maps["m"].shape[0])
+
+    async def main():
+        batcher = MicroBatcher(score, max_batch_size=4, max_batch_delay_ms=5)
+        jobs = [batcher.score(("a",), {"m": np.zeros((1, 1))}) for _ in range(6)]
+        jobs += [batcher.score(("b",), {"m": np.zeros((3, 1))})]
+        started = time.perf_counter()
+        await asyncio.gather(*jobs)
+        lone = time.perf_counter()
+        await batcher.score(("a",), {"m": np.zeros((1, 1))})
+        waited = time.perf_counter() - lone
+        await batcher.close()
+        return waited
+
+    waited = _run(main())
+    assert all(size <= 4 for _, size in sizes)
+    assert sum(size for key, size in sizes if key == ("a",)) == 7
+    assert (("b",), 3) in sizes
+    assert waited < 0.5  # a lone request waits about the delay, not forever
+
+
+def test_scoring_errors_reach_every_waiter():
+    def score(key, maps):
+        raise RuntimeError("detector exploded")
+
+    async def main():
+        batcher = MicroBatcher(score, max_batch_size=4, max_batch_delay_ms=1)
+        results = await asyncio.gather(*(batcher.score(("k",), {"m": np.zeros((1, 1))}) for _ in range(3)),
+                                       return_exceptions=True)
+        await batcher.close()
+        return results
+
+    assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in _run(main()))
+
+
+SPEC = ModelSpec("m", "1", {"pixels": TensorSpec("FP32", (-1, 3, 2, 2))}, {"logits": TensorSpec("FP32", (-1, 5))})
+
+
+def _request(values: np.ndarray, name="pixels", datatype="FP32", shape=None):
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name=name, datatype=datatype, shape=list(shape or values.shape))
+    request.raw_input_contents.append(values.tobytes())
+    return request
+
+
+@pytest.mark.parametrize(
+    "request_, fragment",
+    [
+        (_request(np.zeros((1, 3, 2, 2), np.float32), name="image"), "missing input"),
+        (_request(np.zeros((1, 3, 2, 2), np.float64), datatype="FP64"), "expects FP32"),
+        (_request(np.zeros((1, 3, 4, 1), np.float32)), "does not match"),
+        (_request(np.zeros((1, 3, 2, 1), np.float32), shape=[1, 3, 2, 2]), "needs 48 bytes"),
+        (_request(np.array([np.nan] + [0.0] * 11, np.float32).reshape(1, 3, 2, 2)), "NaN or infinite"),
+    ],
+)
+def test_validation_names_what_is_wrong(request_, fragment):
+    with pytest.raises(RequestError) as caught:
+        validate_request(request_, SPEC)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and fragment in caught.value.message
+
+
+def test_valid_request_returns_batch_size_and_strip_keeps_raw_contents_aligned():
+    assert validate_request(_request(np.zeros((2, 3, 2, 2), np.float32)), SPEC) == 2
+    response = service_pb2.ModelInferResponse()
+    for name, value in (("logits", 1.0), ("feature_response", 2.0), ("other", 3.0)):
+        response.outputs.add(name=name, datatype="FP32", shape=[1, 2])
+        response.raw_output_contents.append(np.full((1, 2), value, np.float32).tobytes())
+    np.testing.assert_array_equal(output_array(response, "feature_response"), [[2.0, 2.0]])
+    strip_outputs(response, {"feature_response"})
+    assert [o.name for o in response.outputs] == ["logits", "other"]
+    np.testing.assert_array_equal(output_array(response, "other"), [[3.0, 3.0]])
+
+
+def test_policies():
+    flagged = Assessment(np.array([1.0, 3.0]), 2.0, "cal-x")
+    response = service_pb2.ModelInferResponse()
+    assert apply_policy(Policy.shadow, response, flagged) == "shadowed" and not response.parameters
+    assert apply_policy(Policy.annotate, response, flagged) == "annotated"
+    assert response.parameters["advsentry_adversarial"].bool_param is True
+    assert response.parameters["advsentry_score"].double_param == 3.0
+    assert response.parameters["advsentry_scores"].string_param == "1.000000,3.000000"
+    with pytest.raises(PolicyRejection) as caught:
+        apply_policy(Policy.reject, service_pb2.ModelInferResponse(), flagged)
+    assert "inputs [1] of 2" in str(caught.value) and "threshold 2.000000" in str(caught.value)
+    clean = Assessment(np.array([1.0]), 2.0, "cal-x")
+    assert apply_policy(Policy.reject, service_pb2.ModelInferResponse(), clean) == "annotated"
+
+
+def test_settings_precedence_flags_env_yaml(tmp_path, monkeypatch):
+    config = tmp_path / "advsentry.yaml"
+    config.write_text("port: 9001\nmetrics_port: 9002\nmax_batch_size: 4\nmodels:\n  resnet:\n"
+                      "    feature_outputs: [a, b]\n    policy: shadow\n")
+    monkeypatch.setenv("ADVSENTRY_METRICS_PORT", "9102")
+    monkeypatch.setenv("ADVSENTRY_MAX_BATCH_SIZE", "6")
+    settings = load_settings(config, max_batch_size=12, port=None)
+    assert (settings.port, settings.metrics_port, settings.max_batch_size) == (9001, 9102, 12)
+    assert settings.models["resnet"].feature_outputs == ("a", "b") and settings.policy_for("resnet") is Policy.shadow
+    assert settings.policy_for("other") is Policy.annotate
+    with pytest.raises(ValueError, match="needs a calibration"):
+        load_settings(policy="reject")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        load_settings(upstream="no-port")
+
+
+def test_otlp_is_off_by_default_and_follows_otel_env():
+    from service.tracing import otlp_requested
+
+    assert not otlp_requested({})
+    assert otlp_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+    assert otlp_requested({"OTEL_TRACES_EXPORTER": "otlp"})
+    assert not otlp_requested({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"})
+
+
+def test_generated_proto_stubs_are_up_to_date():
+    from service.protogen import stale_files
+
+    assert stale_files() == [], "run: python -m service.protogen"
+
+
+def test_exporter_refuses_torchscript_factories(tmp_path):
+    import torch
+
+    from service.triton.export import ExportError, ModelSource, export_model_repository
+
+    with pytest.raises(ExportError, match="TorchScript"):
+        export_model_repository(tmp_path, source=ModelSource("factory", "test_service_units:_scripted"))
+    assert torch is not None
+
+
+def _scripted():
+    import torch
+
+    return torch.jit.script(torch.nn.ReLU())
