@@ -10,7 +10,7 @@ from .combiner import LogisticCombiner, SingleMap
 from .config import NAMED_CONFIGS, PAPER_CONFIG, ConfigError, ScoreConfig
 from .detector import DEFAULT_FEATURES, FEATURE_RESPONSE, Detector
 from .entropy import average_local_spatial_entropy, gray_levels, local_entropy_map
-from .guided import FeatureResponse, UnsupportedModelError, guided_backprop, guided_feature_response
+from .guided import FeatureResponse, UnsupportedModelError, guided_backprop, guided_feature_response, guided_responses
 from .models import ModelIdentity
 
 __all__ = [
@@ -32,5 +32,6 @@ __all__ = [
     "gray_levels",
     "guided_backprop",
     "guided_feature_response",
+    "guided_responses",
     "local_entropy_map",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import ScoreConfig
-from .guided import guided_backprop
+from .guided import guided_responses
 
 
 def _capture_activations(model: nn.Module, layers: set[str]) -> tuple[dict[str, torch.Tensor], list]:
@@ -43,20 +43,24 @@ def extract_maps(
     activation_layers = {c.layer for c in specs.values() if c.response == "activation"}
     if None in activation_layers:
         raise ValueError("response='activation' needs an explicit layer name")
-    backward_groups: dict[tuple, list[str]] = {}
+    # One forward pass per (response kind, seed kind); one backward per distinct seed layer.
+    backward_groups: dict[tuple[str, str], dict[str | None, list[str]]] = {}
     for name, config in specs.items():
         if config.response != "activation":
-            backward_groups.setdefault((config.response, config.layer, config.seed), []).append(name)
+            group = backward_groups.setdefault((config.response, config.seed), {})
+            group.setdefault(config.layer if config.seed == "final_conv" else None, []).append(name)
 
     captured, handles = _capture_activations(model, activation_layers)  # type: ignore[arg-type]
     maps: dict[str, torch.Tensor] = {}
     logits: torch.Tensor | None = None
     try:
-        for (response, layer, seed), names in backward_groups.items():
-            result = guided_backprop(model, pixels, layer=layer, seed=seed, guided=response == "guided_backprop")
-            logits = result.logits
-            for name in names:
-                maps[name] = result.response
+        for (response, seed), by_layer in backward_groups.items():
+            responses, logits, _, _ = guided_responses(
+                model, pixels, list(by_layer), top_logit=seed == "top_logit", guided=response == "guided_backprop"
+            )
+            for layer, names in by_layer.items():
+                for name in names:
+                    maps[name] = responses[layer]
         if logits is None:  # activations only: one forward pass, no autograd
             with torch.no_grad():
                 logits = model(pixels)

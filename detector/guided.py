@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -169,30 +170,29 @@ class _GuidedMode(TorchFunctionMode):
 
 
 class _LayerRecorder:
-    """Finds the seed tensor: a named module's output, or the final conv's activations."""
+    """Finds seed tensors: named modules' outputs, and/or the final conv's activations."""
 
-    def __init__(self, model: nn.Module, layer: str | None) -> None:
-        self.layer = layer
+    def __init__(self, model: nn.Module, layers: Sequence[str | None]) -> None:
         self.order = 0
         self.last_conv: tuple[str, _Event] | None = None
         self.after_conv: list[_Event] = []
-        self.named_output: torch.Tensor | None = None
+        self.named_outputs: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
         modules = dict(model.named_modules())
-        if layer is not None:
+        for layer in {layer for layer in layers if layer is not None}:
             if layer not in modules:
                 raise KeyError(f"model has no module named {layer!r}")
-            self.handles.append(modules[layer].register_forward_hook(self._named_hook))
-        else:
+            self.handles.append(modules[layer].register_forward_hook(functools.partial(self._named_hook, layer)))
+        if None in layers:
             convs = [(name, m) for name, m in modules.items() if isinstance(m, nn.Conv2d)]
             if not convs:
                 raise UnsupportedModelError("no nn.Conv2d in the model: name the seed layer explicitly (layer=...)")
             for name, module in convs:
                 self.handles.append(module.register_forward_hook(functools.partial(self._conv_hook, name)))
 
-    def _named_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+    def _named_hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor):
-            self.named_output = output
+            self.named_outputs[name] = output  # a module called several times: its last call
 
     def _conv_hook(self, name: str, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         self.order += 1
@@ -204,11 +204,11 @@ class _LayerRecorder:
         if self.last_conv is not None and not self.after_conv:
             self.after_conv.append(_Event(self.order, output))
 
-    def seed(self) -> tuple[str, torch.Tensor]:
-        if self.layer is not None:
-            if self.named_output is None:
-                raise UnsupportedModelError(f"module {self.layer!r} did not produce a tensor in the forward pass")
-            return self.layer, self.named_output
+    def seed(self, layer: str | None) -> tuple[str, torch.Tensor]:
+        if layer is not None:
+            if layer not in self.named_outputs:
+                raise UnsupportedModelError(f"module {layer!r} did not produce a tensor in the forward pass")
+            return layer, self.named_outputs[layer]
         if self.last_conv is None:
             raise UnsupportedModelError("no convolution ran in the forward pass")
         name, conv = self.last_conv
@@ -242,6 +242,60 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
+def guided_responses(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    seeds: Sequence[str | None],
+    *,
+    top_logit: bool = False,
+    guided: bool = True,
+) -> tuple[dict[str | None, torch.Tensor], torch.Tensor, dict[str | None, str], int]:
+    """Responses seeded at several layers from *one* forward pass (one backward per seed).
+
+    ``seeds`` are module names, ``None`` for the auto-detected final conv
+    activations; with ``top_logit`` the single seed is the top-1 logit. Returns
+    ``({seed: response}, logits, {seed: resolved layer name}, intercepted)``.
+    A backward pass from an early layer only runs through the layers before it.
+    """
+    _check_model(model)
+    if pixels.dim() != 4:
+        raise ValueError(f"pixels must be [B, C, H, W], got shape {tuple(pixels.shape)}")
+    if not seeds:
+        raise ValueError("no seed layer given")
+    x = pixels.detach().clone().requires_grad_(True)
+    recorder = _LayerRecorder(model, [] if top_logit else list(seeds))
+    mode: TorchFunctionMode = _GuidedMode(recorder) if guided else _RecorderMode(recorder)
+    responses: dict[str | None, torch.Tensor] = {}
+    names: dict[str | None, str] = {}
+    try:
+        with torch.enable_grad():
+            with mode:
+                logits = model(x)
+            if not isinstance(logits, torch.Tensor):
+                raise UnsupportedModelError(f"model returned {type(logits).__name__}, expected a logits tensor")
+            intercepted = getattr(mode, "intercepted", 0)
+            if guided and intercepted == 0:
+                raise UnsupportedModelError(
+                    "no activation call was intercepted (activations written as raw tensor "
+                    "arithmetic?); guided backpropagation is not possible for this model"
+                )
+            unique = list(dict.fromkeys(seeds))
+            for index, seed_layer in enumerate(unique):
+                if top_logit:
+                    name, target = "logits", logits
+                    grad_seed = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
+                else:
+                    name, target = recorder.seed(seed_layer)
+                    grad_seed = target.detach()
+                retain = index < len(unique) - 1
+                (response,) = torch.autograd.grad(target, x, grad_seed, retain_graph=retain)
+                responses[seed_layer] = response.detach()
+                names[seed_layer] = name
+    finally:
+        recorder.close()
+    return responses, logits.detach(), names, intercepted
+
+
 def guided_backprop(
     model: nn.Module,
     pixels: torch.Tensor,
@@ -257,41 +311,12 @@ def guided_backprop(
     no activation call could be intercepted (the response would silently be a
     plain gradient).
     """
-    _check_model(model)
-    if pixels.dim() != 4:
-        raise ValueError(f"pixels must be [B, C, H, W], got shape {tuple(pixels.shape)}")
-    x = pixels.detach().clone().requires_grad_(True)
-    recorder = _LayerRecorder(model, layer if seed == "final_conv" else None)
-    mode = _GuidedMode(recorder)
-    try:
-        with torch.enable_grad():
-            if guided:
-                with mode:
-                    logits = model(x)
-            else:
-                recorder_only = _RecorderMode(recorder)
-                with recorder_only:
-                    logits = model(x)
-            if not isinstance(logits, torch.Tensor):
-                raise UnsupportedModelError(f"model returned {type(logits).__name__}, expected a logits tensor")
-            if guided and mode.intercepted == 0:
-                raise UnsupportedModelError(
-                    "no activation call was intercepted (activations written as raw tensor "
-                    "arithmetic?); guided backpropagation is not possible for this model"
-                )
-            if seed == "top_logit":
-                name = "logits"
-                target = logits
-                grad_seed = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
-            elif seed == "final_conv":
-                name, target = recorder.seed()
-                grad_seed = target.detach()
-            else:
-                raise ValueError(f"seed={seed!r}: expected 'final_conv' or 'top_logit'")
-            (response,) = torch.autograd.grad(target, x, grad_seed)
-    finally:
-        recorder.close()
-    return FeatureResponse(response.detach(), logits.detach(), name, mode.intercepted)
+    if seed not in ("final_conv", "top_logit"):
+        raise ValueError(f"seed={seed!r}: expected 'final_conv' or 'top_logit'")
+    responses, logits, names, intercepted = guided_responses(
+        model, pixels, [layer], top_logit=seed == "top_logit", guided=guided
+    )
+    return FeatureResponse(responses[layer], logits, names[layer], intercepted)
 
 
 class _RecorderMode(TorchFunctionMode):
@@ -301,6 +326,7 @@ class _RecorderMode(TorchFunctionMode):
         super().__init__()
         self.recorder = recorder
         self.table = _activation_table()
+        self.intercepted = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))

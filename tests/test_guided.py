@@ -164,3 +164,23 @@ def test_efficientnet_lite0_responses(bundled_model, photo_batch):
     assert not torch.allclose(response[0], response[1])
     top = guided_feature_response(bundled_model, photo_batch[:1], ScoreConfig(seed="top_logit"))
     assert top.shape == (1, 3, 224, 224) and torch.isfinite(top).all() and top.abs().sum() > 0
+
+
+def test_several_seeds_share_one_forward_and_equal_separate_calls():
+    from detector import guided_responses
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.ReLU6(), nn.Conv2d(6, 4, 3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    pixels = torch.rand(3, 3, 12, 12)
+    forwards = []
+    handle = model[0].register_forward_hook(lambda *args: forwards.append(1))
+    responses, logits, names, intercepted = guided_responses(model, pixels, ["1", "3", None])
+    handle.remove()
+    assert len(forwards) == 1 and intercepted == 3
+    assert names == {"1": "1", "3": "3", None: "4"}
+    for seed in ("1", "3", None):
+        torch.testing.assert_close(responses[seed], guided_backprop(model, pixels, layer=seed).response)
+    torch.testing.assert_close(logits, model(pixels))
