@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The main job: the sidecar in front of an embedded real Triton hosting the bundled
+# EfficientNet-Lite0 (gRPC :8001, Prometheus metrics :8002). Ctrl-C drains and stops.
 run: $(STAMP)
-	$(BIN)/advsentry score --bundled
+	$(BIN)/advsentry serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .calibration import CalibrationArtifact, CalibrationError
 from .combiner import Combiner, SingleMap
-from .config import PAPER_CONFIG, ScoreConfig
+from .config import ScoreConfig
 from .entropy import average_local_spatial_entropy
 from .features import FeatureModel, extract_maps
 from .models import ModelIdentity, bundled_identity, load_bundled_model
@@ -26,8 +26,14 @@ from .models import ModelIdentity, bundled_identity, load_bundled_model
 #: The Triton output name of the single-map detector.
 FEATURE_RESPONSE = "feature_response"
 
-#: The product default (see benchmarks/detection_study for how it was chosen).
-DEFAULT_FEATURES: dict[str, ScoreConfig] = {FEATURE_RESPONSE: PAPER_CONFIG}
+#: The product default: the detector the detection study chose on its development
+#: part, shipped as a calibration artifact for the bundled EfficientNet-Lite0
+#: (maps, combiner, and a threshold at 5% FPR on the study's dev clean images).
+#: ``benchmarks/detection_study`` writes it; see its README for why this one.
+DEFAULT_ARTIFACT_PATH = Path(__file__).resolve().parent / "data" / "default_detector.json"
+DEFAULT_ARTIFACT = CalibrationArtifact.load(DEFAULT_ARTIFACT_PATH)
+DEFAULT_FEATURES: dict[str, ScoreConfig] = dict(DEFAULT_ARTIFACT.features)
+DEFAULT_COMBINER: Combiner = DEFAULT_ARTIFACT.combiner
 
 
 class Detector:
@@ -45,6 +51,7 @@ class Detector:
     ) -> None:
         if features is None:
             features = DEFAULT_FEATURES
+            combiner = combiner or DEFAULT_COMBINER
         elif isinstance(features, ScoreConfig):
             features = {FEATURE_RESPONSE: features}
         if not features:
@@ -61,9 +68,14 @@ class Detector:
 
     @classmethod
     def default(cls, device: str | torch.device = "cpu", *, load_model: bool = False) -> "Detector":
-        """The product default on the bundled EfficientNet-Lite0 (model loaded on demand)."""
+        """The product default on the bundled EfficientNet-Lite0, with its shipped threshold.
+
+        The model is loaded on demand (or now, with ``load_model``).
+        """
         model = load_bundled_model(device) if load_model else None
-        return cls(model=model, model_identity=bundled_identity(), device=device)
+        detector = cls(model=model, model_identity=bundled_identity(), device=device)
+        detector.apply_calibration(DEFAULT_ARTIFACT, source=str(DEFAULT_ARTIFACT_PATH))
+        return detector
 
     @classmethod
     def from_artifact(

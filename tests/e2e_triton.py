@@ -24,7 +24,7 @@ MODEL = "efficientnet-lite0"
 def export_bundled(out: Path) -> Path:
     from service.triton.export import export_model_repository
 
-    export_model_repository(out, probe=False)
+    export_model_repository(out)
     return out
 
 

@@ -41,7 +41,7 @@ def test_score_maps_is_the_entropy_and_verdict_uses_the_threshold(tmp_path):
 
 def test_artifact_round_trip_sets_threshold_and_id(tmp_path):
     path = _artifact(tmp_path, threshold=2.5)
-    detector = Detector(model_identity=MODEL)
+    detector = Detector(ScoreConfig(), model_identity=MODEL)
     artifact = detector.load_calibration(path)
     assert detector.threshold == 2.5
     assert detector.calibration_id == artifact.id and artifact.id.startswith("cal-")
@@ -58,7 +58,7 @@ def test_tampered_artifact_is_refused(tmp_path):
     document["threshold"] = 0.1
     path.write_text(json.dumps(document))
     with pytest.raises(CalibrationError, match="checksum mismatch"):
-        Detector(model_identity=MODEL).load_calibration(path)
+        Detector(ScoreConfig(), model_identity=MODEL).load_calibration(path)
 
 
 def test_artifact_for_another_score_config_is_refused_naming_the_fields(tmp_path):
@@ -72,10 +72,10 @@ def test_artifact_for_another_score_config_is_refused_naming_the_fields(tmp_path
 def test_artifact_for_another_model_is_refused(tmp_path):
     path = _artifact(tmp_path, model=ModelIdentity("toy", "cd" * 32))
     with pytest.raises(CalibrationError, match="model weights: artifact sha256 cdcdcd"):
-        Detector(model_identity=MODEL).load_calibration(path)
+        Detector(ScoreConfig(), model_identity=MODEL).load_calibration(path)
     path = _artifact(tmp_path, model=bundled_identity(), name="bundled.json")
     with pytest.raises(CalibrationError, match="artifact was fitted on 'efficientnet-lite0', detector runs 'toy'"):
-        Detector(model_identity=MODEL).load_calibration(path)
+        Detector(ScoreConfig(), model_identity=MODEL).load_calibration(path)
 
 
 @pytest.mark.parametrize(
@@ -90,9 +90,9 @@ def test_malformed_artifacts_are_refused(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(CalibrationError, match=message):
-        Detector(model_identity=MODEL).load_calibration(path)
+        Detector(ScoreConfig(), model_identity=MODEL).load_calibration(path)
     with pytest.raises(CalibrationError, match="no such file"):
-        Detector(model_identity=MODEL).load_calibration(tmp_path / "missing.json")
+        Detector(ScoreConfig(), model_identity=MODEL).load_calibration(tmp_path / "missing.json")
 
 
 def test_logistic_combiner_over_several_maps(tmp_path):
@@ -129,13 +129,28 @@ def test_detector_on_a_local_model_scores_activation_and_guided_maps():
     torch.testing.assert_close(detector.score(pixels), detector.score_maps(outputs))
 
 
+def test_the_shipped_default_is_a_valid_artifact_for_the_bundled_model():
+    from detector import DEFAULT_ARTIFACT_PATH, DEFAULT_COMBINER, DEFAULT_FEATURES
+
+    artifact = CalibrationArtifact.load(DEFAULT_ARTIFACT_PATH)
+    assert artifact.model == bundled_identity()
+    assert artifact.features == DEFAULT_FEATURES and artifact.combiner == DEFAULT_COMBINER
+    detector = Detector.default()
+    assert detector.threshold == artifact.threshold and detector.calibration_id == artifact.id
+    assert detector.feature_outputs == tuple(DEFAULT_FEATURES)
+
+
 @pytest.mark.slow
 def test_default_detector_on_the_bundled_model(photo_batch, tmp_path):
     detector = Detector.default(load_model=True)
     scores = detector.score(photo_batch)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
-    assert ((scores > 0) & (scores < 3.17)).all()  # 0 < entropy < log2(9) bits
+    entropies = detector.entropies(detector.feature_model()(photo_batch))
+    assert ((entropies > 0) & (entropies < 3.17)).all()  # 0 < entropy < log2(9) bits per map
+    torch.testing.assert_close(detector.combiner.combine(entropies), scores)
+    assert detector.verdict(scores).tolist() == (scores > detector.threshold).tolist()
     threshold = float(scores.median())
-    path = _artifact(tmp_path, threshold=threshold, model=bundled_identity())
-    detector.load_calibration(path)
+    artifact = CalibrationArtifact.create(threshold, detector.features, bundled_identity(), combiner=detector.combiner)
+    artifact.save(tmp_path / "median.json")
+    detector.load_calibration(tmp_path / "median.json")
     assert detector.verdict(scores).tolist() == (scores > threshold).tolist()

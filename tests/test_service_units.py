@@ -179,3 +179,22 @@ def _scripted():
     import torch
 
     return torch.jit.script(torch.nn.ReLU())
+
+
+def test_exported_config_declares_each_feature_maps_real_shape(tmp_path):
+    """Guided responses are shaped like the input, activation maps like their layer."""
+    from detector import ScoreConfig
+    from service.triton.export import ModelSource, export_model_repository
+
+    features = {
+        "feature_response": ScoreConfig(),
+        "early_activations": ScoreConfig(response="activation", layer="features.1", gray="mean"),
+    }
+    model_dir = export_model_repository(
+        tmp_path, model_name="tiny", source=ModelSource("factory", "tiny_models:tiny_cnn"), features=features, image_size=32
+    )
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'name: "logits" data_type: TYPE_FP32 dims: [ 10 ]' in config
+    assert 'name: "feature_response" data_type: TYPE_FP32 dims: [ 3, 32, 32 ]' in config
+    assert 'name: "early_activations" data_type: TYPE_FP32 dims: [ 8, 32, 32 ]' in config
+    assert 'string_value: "feature_response,early_activations"' in config

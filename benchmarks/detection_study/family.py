@@ -100,3 +100,13 @@ def entropy_bank(
                     average_local_spatial_entropy(feature_map, configs[column]).double().numpy()
                 )
     return out
+
+
+def output_name(config: ScoreConfig) -> str:
+    """A Triton output name for a candidate's map: ``gb_blocks_3``, ``act_conv_stem``, ``gb_final_conv``."""
+    if config.response == "activation":
+        prefix = "act"
+    else:
+        prefix = "gb" if config.response == "guided_backprop" else "grad"
+    layer = "top_logit" if config.seed == "top_logit" else (config.layer or "final_conv")
+    return f"{prefix}_{layer.removeprefix('net.').strip('_').replace('._', '_').replace('.', '_')}"

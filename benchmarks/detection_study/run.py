@@ -18,10 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from detector import PAPER_CONFIG, ScoreConfig
+from detector import FEATURE_RESPONSE, PAPER_CONFIG, CalibrationArtifact, LogisticCombiner, ScoreConfig, SingleMap
 from detector.attacks import make_attack
 from detector.evaluation import evaluate, threshold_at_fpr
-from detector.models import load_bundled_model
+from detector.models import bundled_identity, load_bundled_model
 
 from . import analysis, family, report
 from .data import CleanSet, build_clean_set, split_by_photo
@@ -34,8 +34,8 @@ LOGGER = logging.getLogger("detection_study")
 @dataclass(frozen=True)
 class StudySettings:
     seed: int = 0
-    crops_per_photo: int = 80
-    max_per_photo: int = 40
+    crops_per_photo: int = 120
+    max_per_photo: int = 48
     min_confidence: float = 0.3
     test_photos: int = 4
     attack_batch: int = 16
@@ -98,6 +98,27 @@ def run_attack(model: torch.nn.Module, clean: CleanSet, spec: AttackSet, setting
         "queries_median": float(torch.cat(queries)[success_t].float().median()) if queries and success_t.any() else None,
         "describe": attack.describe(),
     }
+
+
+def default_artifact(results, candidates, names, combined, best_config, best_direction, dev_scorers, dev_split) -> CalibrationArtifact:
+    """The chosen detector as a calibration artifact for the bundled model (threshold: 5% FPR on dev clean)."""
+    chosen = results["default_detector"]
+    if chosen == "combined":
+        features = {family.output_name(candidates[names[c]]): candidates[names[c]] for c in combined.columns}
+        combiner = combined.combiner
+    else:
+        features = {FEATURE_RESPONSE: best_config}
+        combiner = SingleMap() if best_direction > 0 else LogisticCombiner((-1.0,), 0.0, (0.0,), (1.0,))
+    threshold = threshold_at_fpr(dev_scorers[chosen](dev_split.clean), 0.05)
+    return CalibrationArtifact.create(
+        threshold, features, bundled_identity(), combiner, target_fpr=0.05,
+        data={"source": "benchmarks/detection_study (dev part)", "dev_photos": results["data"]["dev_photos"],
+              "dev_clean_images": results["data"]["dev"]},
+        results={"detector": chosen,
+                 "test_auc": {a: row["auc"]["value"] for a, row in results["test"][chosen].items()},
+                 "test_tpr_at_5pct": {a: row["tpr"]["0.05"]["value"] for a, row in results["test"][chosen].items()},
+                 "held_out_fpr_at_threshold": results["held_out_fpr_at_dev_threshold_5pct"][chosen]},
+    )
 
 
 def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, Any]:
@@ -240,6 +261,9 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         "elapsed_s": time.time() - started,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    default_artifact(results, candidates, names, combined, best_config, best_direction, dev_scorers, dev_needed).save(
+        out_dir / "default_detector.json"
+    )
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out_dir / "results.md").write_text(report.markdown(results))
     report.figures(out_dir, results, scores_out, model, parts["test"], attacks["test"], best_config, best_direction)

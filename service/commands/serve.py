@@ -114,8 +114,13 @@ def serve(
             if repository is None:
                 workdir = tempfile.TemporaryDirectory(prefix="advsentry-repo-")
                 repository = Path(workdir.name)
-                export_model_repository(repository, max_batch_size=settings.embedded_max_batch_size, probe=False)
+                export_model_repository(repository, max_batch_size=settings.embedded_max_batch_size)
                 identity = {BUNDLED_MODEL_NAME: bundled_identity()}
+                if settings.calibration is None and not any(m.calibration for m in settings.models.values()):
+                    # The bundled model ships with the detection study's threshold (5% FPR).
+                    from detector import DEFAULT_ARTIFACT_PATH
+
+                    settings = settings.model_copy(update={"calibration": DEFAULT_ARTIFACT_PATH})
             typer.echo(f"advsentry: starting embedded Triton on {repository}", err=True)
             triton = TritonServer(repository).start()
             settings = settings.model_copy(update={"upstream": triton.grpc_address})

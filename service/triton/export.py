@@ -93,8 +93,10 @@ def _instantiate(source: ModelSource):
     return model.eval()
 
 
-def probe_model(model, features: Mapping[str, ScoreConfig], image_size: int) -> int:
-    """Run the feature model once; returns the number of classes. Raises :class:`ExportError`."""
+def probe_model(
+    model, features: Mapping[str, ScoreConfig], image_size: int
+) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """Run the feature model once: (number of classes, per-item shape of each map). Raises :class:`ExportError`."""
     import torch
 
     from detector import UnsupportedModelError
@@ -108,15 +110,17 @@ def probe_model(model, features: Mapping[str, ScoreConfig], image_size: int) -> 
     logits = outputs[LOGITS_OUTPUT]
     if logits.dim() != 2:
         raise ExportError(f"the model must return logits [B, classes], got shape {tuple(logits.shape)}")
+    shapes = {}
     for name in features:
-        if tuple(outputs[name].shape[1:]) != (3, image_size, image_size):
-            raise ExportError(f"feature map {name!r} has shape {tuple(outputs[name].shape)}, expected [1, 3, H, W]")
-    return int(logits.shape[1])
+        if outputs[name].dim() not in (3, 4):
+            raise ExportError(f"feature map {name!r} has shape {tuple(outputs[name].shape)}, expected [1, C, H, W] or [1, H, W]")
+        shapes[name] = tuple(int(d) for d in outputs[name].shape[1:])
+    return int(logits.shape[1]), shapes
 
 
 def config_pbtxt(
     name: str,
-    feature_outputs: list[str],
+    feature_shapes: Mapping[str, tuple[int, ...]],
     *,
     classes: int,
     image_size: int,
@@ -128,7 +132,8 @@ def config_pbtxt(
     """The model's ``config.pbtxt`` text."""
     outputs = [f'  {{ name: "{LOGITS_OUTPUT}" data_type: TYPE_FP32 dims: [ {classes} ] }}']
     outputs += [
-        f'  {{ name: "{out}" data_type: TYPE_FP32 dims: [ 3, {image_size}, {image_size} ] }}' for out in feature_outputs
+        f'  {{ name: "{out}" data_type: TYPE_FP32 dims: [ {", ".join(map(str, dims))} ] }}'
+        for out, dims in feature_shapes.items()
     ]
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
     return (
@@ -140,7 +145,7 @@ def config_pbtxt(
         f"instance_group [ {{ kind: {kind} count: {instances} }} ]\n"
         f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
         'parameters { key: "advsentry_feature_outputs" value: { string_value: "'
-        + ",".join(feature_outputs)
+        + ",".join(feature_shapes)
         + '" } }\n'
     )
 
@@ -156,7 +161,6 @@ def export_model_repository(
     instance_kind: str = "cpu",
     instances: int = 1,
     max_queue_delay_us: int = 2000,
-    probe: bool = True,
 ) -> Path:
     """Write ``<out>/<model_name>/`` and return its path. Existing model directories are replaced."""
     from detector import DEFAULT_FEATURES
@@ -167,9 +171,9 @@ def export_model_repository(
         raise ExportError(f"instance kind must be 'cpu' or 'gpu', got {instance_kind!r}")
     if LOGITS_OUTPUT in features or PIXELS_INPUT in features:
         raise ExportError(f"feature outputs may not be named {LOGITS_OUTPUT!r} or {PIXELS_INPUT!r}")
-    classes = 1000
-    if probe or source.kind != "bundled":
-        classes = probe_model(_instantiate(source), features, image_size)
+    # One dry run gives the number of classes and every feature map's shape (guided
+    # responses are shaped like the input; activation maps like their layer).
+    classes, feature_shapes = probe_model(_instantiate(source), features, image_size)
     model_dir = Path(out) / model_name
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -178,7 +182,7 @@ def export_model_repository(
     (model_dir / "config.pbtxt").write_text(
         config_pbtxt(
             model_name,
-            list(features),
+            feature_shapes,
             classes=classes,
             image_size=image_size,
             max_batch_size=max_batch_size,
