@@ -17,7 +17,11 @@ Schema ``advsentry.calibration/v1``::
      "model": {"name": ..., "weights_sha256": ...},
      "versions": {"advsentry": ..., "torch": ..., "numpy": ...},
      "target_fpr": 0.05 | null, "data": {...}, "results": {...},
+     "job": {...},            (optional: the calibration job's settings)
      "checksum": "sha256 of the canonical JSON of all other fields"}
+
+``job`` is written only when set, so artifacts without it keep their
+canonical form (and checksum) unchanged.
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ class CalibrationError(ValueError):
     """A calibration artifact is malformed, tampered with, or does not match the detector."""
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of advsentry, torch, numpy and the ``extra`` packages."""
     from importlib import metadata
 
     versions = {}
-    for package in ("advsentry", "torch", "numpy"):
+    for package in ("advsentry", "torch", "numpy", *extra):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -75,6 +80,7 @@ class CalibrationArtifact:
     target_fpr: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    job: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -85,15 +91,16 @@ class CalibrationArtifact:
         combiner: Combiner | None = None,
         **extra: Any,
     ) -> "CalibrationArtifact":
-        """A new artifact stamped with the current time and library versions."""
+        """A new artifact stamped with the current time and library versions (``versions=`` overrides)."""
         created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        versions = extra.pop("versions", None) or library_versions()
         return cls(
             threshold=float(threshold),
             features=dict(features),
             model=model,
             combiner=combiner or SingleMap(),
             created_at=created,
-            versions=library_versions(),
+            versions=versions,
             **extra,
         )
 
@@ -111,6 +118,8 @@ class CalibrationArtifact:
             "data": self.data,
             "results": self.results,
         }
+        if self.job:
+            document["job"] = self.job
         if not document["id"]:  # content-derived id: the same calibration has the same id
             document["id"] = "cal-" + _checksum(document)[:12]
         document["checksum"] = _checksum(document)
@@ -144,6 +153,9 @@ class CalibrationArtifact:
                 raise ValueError("no features")
             model = ModelIdentity(str(document["model"]["name"]), str(document["model"]["weights_sha256"]))
             combiner = combiner_from_dict(document["combiner"])
+            expected = 1 if isinstance(combiner, SingleMap) else len(getattr(combiner, "weights", ()))
+            if expected != len(features):
+                raise ValueError(f"combiner {combiner.kind!r} takes {expected} map(s) but {len(features)} are configured")
         except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise CalibrationError(f"{source}: invalid content: {error}") from error
         return cls(
@@ -157,6 +169,7 @@ class CalibrationArtifact:
             target_fpr=document.get("target_fpr"),
             data=dict(document.get("data") or {}),
             results=dict(document.get("results") or {}),
+            job=dict(document.get("job") or {}),
         )
 
     @classmethod

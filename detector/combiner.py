@@ -77,3 +77,28 @@ def combiner_from_dict(data: dict[str, Any]) -> Combiner:
             scale=tuple(float(v) for v in data["scale"]),
         )
     raise ValueError(f"unknown combiner kind {kind!r} (expected 'single' or 'logistic')")
+
+
+def fit_logistic_combiner(clean: Any, adversarial: Any, *, c: float = 1.0) -> LogisticCombiner:
+    """An L2 logistic regression on standardized entropies, clean ``[N, F]`` vs adversarial ``[M, F]``.
+
+    Classes are weighted as balanced, so the fit does not depend on how many
+    adversarials per clean image a job produced. scikit-learn is imported here
+    only: the sidecar never fits.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if len(clean) == 0 or len(adversarial) == 0:
+        raise ValueError("fitting a combiner needs clean and adversarial examples")
+    x = np.vstack([np.asarray(clean, dtype=np.float64), np.asarray(adversarial, dtype=np.float64)])
+    y = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(scaler.transform(x), y)
+    return LogisticCombiner(
+        weights=tuple(float(w) for w in model.coef_[0]),
+        bias=float(model.intercept_[0]),
+        mean=tuple(float(m) for m in scaler.mean_),
+        scale=tuple(float(s) for s in scaler.scale_),
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import typer
 
 from service.commands import attack as _attack_cmd
+from service.commands import calibrate as _calibrate_cmd
 from service.commands import export_model as _export_model_cmd
 from service.commands import score as _score_cmd
 from service.commands import serve as _serve_cmd
@@ -43,6 +44,7 @@ _score_cmd.register(app)
 _attack_cmd.register(app)
 _serve_cmd.register(app)
 _export_model_cmd.register(app)
+_calibrate_cmd.register(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point convenience

@@ -153,6 +153,7 @@ class DetectorRegistry:
                 model_detector.calibration_id,
                 model_detector.calibration_source or "none",
                 model_detector.threshold,
+                created_at=model_detector.detector.calibration.created_at if model_detector.detector.calibration else None,
             )
 
     def known(self) -> list[ModelDetector]:

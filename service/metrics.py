@@ -9,6 +9,8 @@ every per-request series is labelled by ``model`` and ``version``.
 
 from __future__ import annotations
 
+import datetime as _dt
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
@@ -48,12 +50,22 @@ class SidecarMetrics:
             (*LABELS, "calibration_id", "source"),
             registry=r,
         )
+        self.calibration_created = Gauge(
+            "advsentry_calibration_created_timestamp_seconds",
+            "Creation time (Unix seconds) of the calibration artifact in force; absent when none is.",
+            LABELS,
+            registry=r,
+        )
         self.calibration_reloads = Counter(
             "advsentry_calibration_reloads",
             "Calibration file reload attempts by result (loaded|refused).",
             ("result",),
             registry=r,
         )
+        # Both results exist from the start (value 0), so increase()/rate() in alerts
+        # see the first refusal instead of a series that appears with value 1.
+        for result in ("loaded", "refused"):
+            self.calibration_reloads.labels(result)
         self.upstream_latency = Histogram(
             "advsentry_upstream_latency_seconds", "Time in the upstream Triton call.", LABELS,
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -95,13 +107,24 @@ class SidecarMetrics:
         self.upstream_up = Gauge("advsentry_upstream_ready", "1 when the upstream Triton reports ready.", registry=r)
 
     def set_calibration(self, model: str, version: str, calibration_id: str | None, source: str,
-                        threshold: float | None) -> None:
-        """Replace the calibration info series of a model (only the one in force has value 1)."""
+                        threshold: float | None, created_at: str | None = None) -> None:
+        """Replace the calibration info series of a model (only the one in force has value 1).
+
+        ``created_at`` is the artifact's ``created_at`` (``YYYY-MM-DDTHH:MM:SSZ``);
+        it feeds the calibration-age alert, so an unparsable or missing value
+        removes the series rather than publishing a wrong age.
+        """
         for labels in list(self.calibration._metrics):  # noqa: SLF001 - prometheus_client has no public "remove all"
             if labels[0] == model and labels[1] == version:
                 self.calibration.remove(*labels)
         self.calibration.labels(model, version, calibration_id or "none", source).set(1)
         self.threshold.labels(model, version).set(float("nan") if threshold is None else threshold)
+        created = _parse_timestamp(created_at)
+        if created is None:
+            if (model, version) in self.calibration_created._metrics:  # noqa: SLF001
+                self.calibration_created.remove(model, version)
+        else:
+            self.calibration_created.labels(model, version).set(created)
 
     def exposition(self) -> bytes:
         """The text exposition format (what /metrics serves)."""
@@ -110,3 +133,16 @@ class SidecarMetrics:
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the /metrics HTTP server in a daemon thread; returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+def _parse_timestamp(value: str | None) -> float | None:
+    """Unix seconds of an artifact's ``created_at`` (UTC, ``Z`` suffix), or ``None``."""
+    if not value:
+        return None
+    try:
+        parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+    return parsed.timestamp()

@@ -111,6 +111,9 @@ def test_logistic_combiner_over_several_maps(tmp_path):
         loaded.score_maps({"early": maps["early"]})
     with pytest.raises(ValueError, match="need a fitted combiner"):
         Detector(features, model_identity=MODEL)
+    CalibrationArtifact.create(0.0, features, MODEL).save(tmp_path / "single.json")  # SingleMap over two maps
+    with pytest.raises(CalibrationError, match="combiner 'single' takes 1 map"):
+        Detector.from_artifact(tmp_path / "single.json")
 
 
 def test_detector_on_a_local_model_scores_activation_and_guided_maps():

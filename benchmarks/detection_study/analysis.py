@@ -23,7 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 
-from detector import LogisticCombiner, ScoreConfig
+from detector import ScoreConfig
+from detector.combiner import LogisticCombiner, fit_logistic_combiner
 from detector.evaluation import auc
 
 from .family import map_key
@@ -134,11 +135,6 @@ def fit_combiner(
         chosen.append(f)
         best = value
         history.append((names[f], value))
-    scaler, model = _fit(x[:, chosen], y, c)
-    combiner = LogisticCombiner(
-        weights=tuple(float(w) for w in model.coef_[0]),
-        bias=float(model.intercept_[0]),
-        mean=tuple(float(m) for m in scaler.mean_),
-        scale=tuple(float(s) for s in scaler.scale_),
-    )
+    # the same fit the calibration job uses (rows: clean first, as in x)
+    combiner = fit_logistic_combiner(x[y == 0][:, chosen], x[y == 1][:, chosen], c=c)
     return FittedCombiner(chosen, combiner, best, history)

@@ -1,0 +1,276 @@
+"""Running a calibration job: units in order, resumable and shardable; then merge into the artifact.
+
+``CalibrationJob.run(shard=(i, n))`` computes the units of chunks ``c`` with
+``c % n == i`` (all of them for a single run), skipping every unit already in
+the work directory; ``CalibrationJob.finalize()`` reads all units (from one
+directory, or several shards' directories) and fits, evaluates and writes. A
+single run and ``merge`` of its shards go through the same ``finalize`` over
+the same unit contents, so they give the same artifact (bar ``created_at``
+and the id and checksum derived from it).
+
+Progress: one tqdm bar per stage on stderr, counted in images, with ETA.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detector.calibration import CalibrationArtifact, library_versions
+from detector.combiner import Combiner, SingleMap
+from detector.config import PAPER_CONFIG, ScoreConfig
+from detector.detector import DEFAULT_ARTIFACT_PATH, FEATURE_RESPONSE, Detector
+from detector.models import ModelIdentity
+
+from . import stages
+from .access import Scorer, load_model
+from .data import plan_clean_images
+from .fit import AttackBank, Calibration, calibrate, concat_attack
+from .spec import AttackSpec, JobConfig, JobConfigError, digest
+from .store import WorkDir, WorkDirError
+from .triton_query import TritonEndpoint
+
+LOGGER = logging.getLogger("advsentry.calibrate")
+VERSIONED_PACKAGES = ("scipy", "scikit-learn", "torchattacks", "adversarial-robustness-toolbox", "tritonclient")
+
+
+class IncompleteJobError(RuntimeError):
+    """Units are missing (a shard did not run or finish); the message names them."""
+
+
+@dataclass
+class RunStats:
+    computed: int = 0
+    reused: int = 0
+
+    @property
+    def units(self) -> int:
+        return self.computed + self.reused
+
+
+def detector_config(spec: str) -> tuple[dict[str, ScoreConfig], Combiner]:
+    """Maps and combiner of ``default`` (the detection study's choice), ``paper``, or an artifact file."""
+    if spec == "paper":
+        return {FEATURE_RESPONSE: PAPER_CONFIG}, SingleMap()
+    artifact = CalibrationArtifact.load(DEFAULT_ARTIFACT_PATH if spec == "default" else spec)
+    return dict(artifact.features), artifact.combiner
+
+
+def _clean_json(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+class CalibrationJob:
+    """One job over one work directory (plus, for merge, the other shards' directories)."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        work_dir: str | Path,
+        *,
+        device: str = "cpu",
+        progress: bool = True,
+        also: Sequence[Path] = (),
+        identity: ModelIdentity | None = None,
+    ) -> None:
+        self.config = config
+        self.store = WorkDir(work_dir, list(also))
+        self.device = torch.device(device)
+        self.progress = progress
+        self.plan = plan_clean_images(config)
+        self.features, self.combiner = detector_config(config.detector)
+        self._identity = identity
+        self._runtime: stages.Runtime | None = None
+
+    # ---- models, identity and unit keys ---------------------------------------------------------
+
+    def runtime(self) -> stages.Runtime:
+        if self._runtime is None:
+            config = self.config
+            endpoint = None
+            if config.uses_triton:
+                endpoint = TritonEndpoint(config.triton_url, config.triton_model)  # type: ignore[arg-type]
+            local, identity = (None, None) if config.model == "triton" else load_model(config.model, config.weights, self.device)
+            if identity is None or config.model_name or config.weights_sha256:
+                identity = ModelIdentity(
+                    config.model_name or (identity.name if identity else config.triton_model),
+                    config.weights_sha256 or (identity.weights_sha256 if identity else "unknown"),
+                )
+            surrogate = load_model(config.surrogate, config.surrogate_weights, self.device)[0] if config.surrogate else None
+            detector = Detector(self.features, combiner=self.combiner, model_identity=identity, device=self.device)
+            scorer = Scorer(detector, local=None if config.scores_via_triton else local, endpoint=endpoint)
+            self._identity = identity
+            self._runtime = stages.Runtime(config, self.plan, scorer, local, surrogate, endpoint, self.device)
+        return self._runtime
+
+    @property
+    def identity(self) -> ModelIdentity:
+        if self._identity is None:
+            self.runtime()
+        assert self._identity is not None
+        return self._identity
+
+    @property
+    def clean_key(self) -> str:
+        c = self.config
+        return digest("clean", self.plan.key, self.identity.to_dict(), {k: v.to_dict() for k, v in self.features.items()},
+                      c.confidence_floor, "triton" if c.scores_via_triton else "local")
+
+    def universal_key(self, spec: AttackSpec) -> str:
+        return digest("universal", self.clean_key, spec.to_dict(), self.config.seed, self.config.quantize,
+                      sorted(self.plan.holdout_groups))
+
+    def attack_key(self, spec: AttackSpec) -> str:
+        c = self.config
+        route = "triton" if spec.scenario == "black_box_probing" and (c.query_via_triton or c.model == "triton") else "local"
+        surrogate = (c.surrogate, c.surrogate_weights) if spec.transfer else None
+        universal = self.universal_key(spec) if spec.scenario == "universal" else None
+        return digest("attack", self.clean_key, spec.to_dict(), c.seed, c.quantize, route, surrogate, universal)
+
+    def job_document(self, shard: tuple[int, int]) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "identity": self.identity.to_dict(), "shard": f"{shard[0]}/{shard[1]}",
+                "chunks": self.plan.n_chunks, "clean_key": self.clean_key}
+
+    # ---- running ----------------------------------------------------------------------------------
+
+    def _bar(self, description: str, chunks: list[int]) -> Any:
+        from tqdm import tqdm
+
+        total = sum(len(self.plan.chunk(c)) for c in chunks)
+        return tqdm(total=total, desc=description, unit="img", disable=not self.progress, dynamic_ncols=True, leave=True)
+
+    def run(self, shard: tuple[int, int] = (0, 1), after_unit: Callable[[str], None] | None = None) -> RunStats:
+        """Compute this shard's missing units. ``after_unit(name)`` is called after each computed unit."""
+        index, count = shard
+        if not 0 <= index < count:
+            raise JobConfigError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        runtime = self.runtime()
+        self.store.write_job(self.job_document(shard))
+        mine = [c for c in range(self.plan.n_chunks) if c % count == index]
+        stats = RunStats()
+
+        def unit(name: str, compute: Callable[[], Any]) -> Any:
+            found = self.store.load(name)
+            if found is not None:
+                stats.reused += 1
+                return found
+            value = compute()
+            self.store.save(name, value)
+            stats.computed += 1
+            if after_unit is not None:
+                after_unit(name)
+            return value
+
+        clean: dict[int, dict[str, Any]] = {}
+        with self._bar("clean images", mine) as bar:
+            for c in mine:
+                clean[c] = unit(WorkDir.unit_name("clean", self.clean_key, c), lambda c=c: stages.clean_unit(runtime, c))
+                bar.update(len(self.plan.chunk(c)))
+        for spec in self.config.attacks:
+            perturbation = None
+            if spec.scenario == "universal":
+                fitted = unit(WorkDir.unit_name("universal", self.universal_key(spec)), lambda s=spec: stages.universal_fit(runtime, s))
+                perturbation = fitted["perturbation"]
+            key = self.attack_key(spec)
+            with self._bar(f"attack {spec.label}", mine) as bar:
+                for c in mine:
+                    unit(WorkDir.unit_name(f"attack-{spec.label}", key, c),
+                         lambda s=spec, c=c, p=perturbation: stages.attack_unit(runtime, s, c, clean[c], p))
+                    bar.update(len(self.plan.chunk(c)))
+        LOGGER.info("shard %d/%d: %d units computed, %d reused", index, count, stats.computed, stats.reused)
+        return stats
+
+    # ---- merging ----------------------------------------------------------------------------------
+
+    def _collect(self) -> tuple[list[dict[str, Any]], dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]]:
+        missing: list[str] = []
+        clean = []
+        for c in range(self.plan.n_chunks):
+            found = self.store.load(WorkDir.unit_name("clean", self.clean_key, c))
+            missing += [] if found is not None else [f"clean chunk {c}"]
+            clean.append(found)
+        attacks = {}
+        for spec in self.config.attacks:
+            key = self.attack_key(spec)
+            units = []
+            for c in range(self.plan.n_chunks):
+                found = self.store.load(WorkDir.unit_name(f"attack-{spec.label}", key, c))
+                missing += [] if found is not None else [f"attack {spec.label!r} chunk {c}"]
+                units.append(found)
+            extra: dict[str, Any] = {}
+            if spec.scenario == "universal":
+                fitted = self.store.load(WorkDir.unit_name("universal", self.universal_key(spec)))
+                if fitted is None:
+                    missing.append(f"universal fit of {spec.label!r}")
+                else:
+                    extra = {"universal_fitted_on": len(fitted["fitted_on"]), "universal_fooling_rate_on_fit": fitted["fooling_rate"]}
+            attacks[spec.label] = (units, extra)
+        if missing:
+            raise IncompleteJobError(
+                f"{len(missing)} work unit(s) missing, e.g. {', '.join(missing[:4])}: a shard has not run or not "
+                "finished; run it (it resumes) and merge again"
+            )
+        return clean, attacks  # type: ignore[return-value]
+
+    def finalize(self) -> tuple[CalibrationArtifact, Calibration, dict[str, AttackBank]]:
+        """Fit and evaluate from all units; returns (artifact, calibration, attack banks)."""
+        clean_units, attack_units = self._collect()
+        features = len(self.features)
+        selected = np.concatenate([u["indices"].numpy()[u["selected"].numpy()] for u in clean_units]).astype(np.int64)
+        entropies = np.vstack([u["entropies"].numpy().reshape(-1, features) for u in clean_units])
+        holdout_of = np.array([self.plan.is_holdout(i) for i in range(len(self.plan.candidates))], dtype=bool)
+        banks = {spec.label: concat_attack(spec, attack_units[spec.label][0], features, attack_units[spec.label][1])
+                 for spec in self.config.attacks}
+        result = calibrate(self.config, self.combiner, entropies, holdout_of[selected], banks, holdout_of)
+        data = dict(self.plan.description)
+        data.update(
+            selected=int(len(selected)),
+            clean_fit=result.counts["clean_fit"],
+            clean_held_out=result.counts["clean_holdout"],
+            labels="the model's own top-1 class on the clean image (kept when its probability >= min_confidence)",
+        )
+        results = {
+            "operating_points": result.operating_points,
+            "attacks": result.per_attack,
+            "combiner": "refitted on the fit split" if self.config.refit_combiner else f"as configured ({self.config.detector})",
+        }
+        job = self.config.to_dict()
+        job["scoring"] = "triton" if self.config.scores_via_triton else "local"
+        artifact = CalibrationArtifact.create(
+            result.threshold, self.features, self.identity, result.combiner,
+            target_fpr=self.config.target_fprs[0], data=_clean_json(data), results=_clean_json(results),
+            job=_clean_json(job), versions=library_versions(VERSIONED_PACKAGES),
+        )
+        return artifact, result, banks
+
+
+def merge_job(dirs: Sequence[str | Path], *, progress: bool = False) -> CalibrationJob:
+    """A job over several shard directories, checked to be shards of one job."""
+    if not dirs:
+        raise WorkDirError("merge needs at least one work directory")
+    documents = [WorkDir.read_job(d) for d in dirs]
+    first = JobConfig.from_dict(documents[0]["config"])
+    for directory, document in zip(dirs[1:], documents[1:]):
+        other = JobConfig.from_dict(document["config"])
+        differences = first.differences(other)
+        if differences:
+            raise WorkDirError(f"{directory} ran another job than {dirs[0]}: " + "; ".join(differences))
+        if document["identity"] != documents[0]["identity"]:
+            raise WorkDirError(f"{directory} ran on other model weights ({document['identity']} != {documents[0]['identity']})")
+    identity = ModelIdentity(**documents[0]["identity"])
+    return CalibrationJob(first, dirs[0], also=[Path(d) for d in dirs[1:]], identity=identity, progress=progress)

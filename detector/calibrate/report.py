@@ -1,0 +1,234 @@
+"""The calibration report: one self-contained HTML file (figures embedded as base64 PNGs).
+
+Sections: operating points (target vs held-out FPR), the per-attack table,
+ROC curves per attack, clean vs adversarial score histograms with the
+threshold, a grid of examples (input, perturbation, feature response,
+local entropy map; clean and adversarial), and the settings used. Also
+:func:`markdown_table`, the same per-attack table as Markdown for notes and logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector.calibration import CalibrationArtifact
+from detector.evaluation import roc
+
+from .fit import AttackBank, Calibration
+
+FPR_KEYS = ("0.01", "0.05", "0.1")
+
+
+def _png(figure: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(result: Calibration, labels: list[str]) -> str:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    clean = result.scores["clean_holdout"]
+    for label in labels:
+        positives = result.scores[label]
+        if len(positives) and len(clean):
+            fpr, tpr = roc(clean, positives)
+            auc = result.per_attack[label]["detection"]["auc"]["value"]
+            axis.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f}, n={len(positives)})")
+    for point in result.operating_points:
+        axis.axvline(point["target_fpr"], color="gray", lw=0.8, ls=":")
+    axis.plot([0, 1], [0, 1], color="lightgray", lw=0.8)
+    axis.set(xlabel="false-positive rate (held-out clean)", ylabel="true-positive rate (successful adversarials)",
+             xlim=(0, 1), ylim=(0, 1.01), title="ROC per attack")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7, loc="lower right")
+    return _png(figure)
+
+
+def histogram_figure(result: Calibration, labels: list[str]) -> str:
+    plt = _pyplot()
+    columns = min(3, max(1, len(labels)))
+    rows = -(-max(1, len(labels)) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    clean = result.scores["clean_holdout"]
+    everything = np.concatenate([clean, result.scores["clean_fit"], *[result.scores[l] for l in labels]])
+    bins = np.linspace(everything.min(), everything.max() + 1e-9, 30) if len(everything) else 10
+    for axis, label in zip(axes.flat, labels):
+        axis.hist(clean, bins=bins, alpha=0.6, density=True, label=f"clean held-out ({len(clean)})")
+        if len(result.scores[label]):
+            axis.hist(result.scores[label], bins=bins, alpha=0.6, density=True, label=f"adversarial ({len(result.scores[label])})")
+        axis.axvline(result.threshold, color="red", lw=1.2, label=f"threshold {result.threshold:.4f}")
+        axis.set_title(label, fontsize=9)
+        axis.set_xlabel("score")
+        axis.legend(fontsize=6)
+    for axis in list(axes.flat)[len(labels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def examples_figure(banks: dict[str, AttackBank]) -> str | None:
+    """Per attack (first example found): clean, adversarial, perturbation, responses and entropy maps."""
+    rows = [(label, bank.examples[0]) for label, bank in banks.items() if bank.examples]
+    if not rows:
+        return None
+    plt = _pyplot()
+    titles = ("clean input", "adversarial", "perturbation (x)", "response clean", "response adv.", "entropy clean", "entropy adv.")
+    figure, axes = plt.subplots(len(rows), len(titles), figsize=(2.1 * len(titles), 2.3 * len(rows)), squeeze=False)
+    for r, (label, ex) in enumerate(rows):
+        clean = ex["clean"].permute(1, 2, 0).numpy()
+        adversarial = ex["adversarial"].permute(1, 2, 0).numpy()
+        delta = adversarial.astype(np.float32) - clean.astype(np.float32)
+        gain = 0.5 / max(1.0, float(np.abs(delta).max()))
+        vmax = float(max(ex["clean_entropy"].float().max(), ex["adversarial_entropy"].float().max()))
+        panels = [
+            (clean, {}),
+            (adversarial, {}),
+            ((0.5 + gain * delta).clip(0, 1), {}),
+            (ex["clean_gray"].numpy(), {"cmap": "gray"}),
+            (ex["adversarial_gray"].numpy(), {"cmap": "gray"}),
+            (ex["clean_entropy"].float().numpy(), {"cmap": "inferno", "vmin": 0, "vmax": vmax}),
+            (ex["adversarial_entropy"].float().numpy(), {"cmap": "inferno", "vmin": 0, "vmax": vmax}),
+        ]
+        for c, (image, kwargs) in enumerate(panels):
+            axes[r, c].imshow(image, **kwargs)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(titles[c].replace("(x)", f"(x{gain * 255:.0f})"), fontsize=8)
+        entropy_clean = float(ex["clean_entropy"].float().mean())
+        entropy_adv = float(ex["adversarial_entropy"].float().mean())
+        axes[r, 0].set_ylabel(f"{label}\n{ex['name'][:22]}", fontsize=7)
+        axes[r, 6].set_xlabel(f"mean {entropy_clean:.3f} -> {entropy_adv:.3f} bits ({ex['map']})", fontsize=6)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _interval(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    return f"{entry['value']:.3f} [{_fmt(entry.get('low'))}, {_fmt(entry.get('high'))}]"
+
+
+TABLE_COLUMNS = ("attack", "scenario", "attacked", "success", "L∞·255 / L2 / L0 (median)", "queries/img",
+                 "positives", "AUC", "TPR@1%", "TPR@5%", "TPR@10%", "TPR @ threshold")
+
+
+def table_rows(artifact: CalibrationArtifact) -> list[list[str]]:
+    """The per-attack table (held-out clean vs successful adversarials), as strings."""
+    rows = []
+    primary = f"{artifact.target_fpr:g}"
+    order = [spec["label"] for spec in artifact.job.get("attacks", ())] or list(artifact.results["attacks"])
+    for label in order:
+        a = artifact.results["attacks"][label]
+        detection = a["detection"]
+        success = _fmt(a["success_rate"], 2)
+        if a.get("surrogate_success_rate") is not None:
+            success += f" (surrogate {_fmt(a['surrogate_success_rate'], 2)})"
+        size = f"{_fmt(a['linf_255_median'], 2)} / {_fmt(a['l2_median'], 3)} / {_fmt(a['l0_median'], 0)}"
+        queries = "–" if a.get("queries_mean") is None else f"{a['queries_mean']:.0f} (total {a['queries_total']})"
+        rows.append([
+            label + (" (targeted)" if a["targeted"] else ""), a["scenario"], str(a["attacked"]), success, size, queries,
+            str(detection["adversarial"]), _interval(detection["auc"]),
+            *[_interval(detection["tpr"].get(key)) for key in ("0.01", "0.05", "0.1")],
+            _fmt(a["tpr_at_threshold"].get(primary)),
+        ])
+    return rows
+
+
+def markdown_table(artifact: CalibrationArtifact) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(artifact)]
+    lines += ["", "| target FPR | threshold | FPR on fit split | held-out FPR |", "|---|---|---|---|"]
+    for p in artifact.results["operating_points"]:
+        lines.append(f"| {p['target_fpr']:g} | {p['threshold']:.6f} | {p['fit_fpr']:.3f} | "
+                     f"{p['held_out_fpr']:.3f} ({p['held_out_false_positives']}/{p['held_out_clean']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222 }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top }
+th { background: #f3f3f3 } pre { background: #f7f7f7; padding: 1em; font-size: 12px; overflow-x: auto }
+img { max-width: 100%; } .note { color: #555; font-size: 13px }
+"""
+
+
+def write_report(path: str | Path, artifact: CalibrationArtifact, result: Calibration, banks: dict[str, AttackBank]) -> Path:
+    """Write the HTML report next to (and describing) ``artifact``."""
+    labels = list(banks)
+    points = [
+        [f"{p['target_fpr']:g}", f"{p['threshold']:.6f}", f"{p['fit_fpr']:.3f}",
+         f"{p['held_out_fpr']:.3f} ({p['held_out_false_positives']}/{p['held_out_clean']})"]
+        for p in artifact.results["operating_points"]
+    ]
+    settings = {
+        "model": artifact.model.to_dict(),
+        "detector": {"features": {k: v.to_dict() for k, v in artifact.features.items()}, "combiner": artifact.combiner.to_dict(),
+                     "combiner fitted": artifact.results["combiner"]},
+        "job": artifact.job,
+        "data": artifact.data,
+        "versions": artifact.versions,
+    }
+    examples = examples_figure(banks)
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>advsentry calibration {html.escape(artifact.id)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>advsentry calibration <code>{html.escape(artifact.id)}</code></h1>",
+        f"<p class='note'>model {html.escape(artifact.model.name)} (weights sha256 {html.escape(artifact.model.weights_sha256[:16])}…), "
+        f"created {html.escape(artifact.created_at)}; threshold in force <b>{artifact.threshold:.6f}</b> "
+        f"for target FPR {artifact.target_fpr:g}. Clean images: {artifact.data.get('selected')} selected "
+        f"({artifact.data.get('clean_fit')} fit, {artifact.data.get('clean_held_out')} held-out) of "
+        f"{artifact.data.get('candidates')} candidates from {artifact.data.get('sources')} sources.</p>",
+        "<h2>Operating points</h2><p class='note'>Threshold fitted on the fit split's clean scores; "
+        "FPR measured on the held-out split's clean images.</p>",
+        _html_table(["target FPR", "threshold", "FPR on fit split", "held-out FPR (false positives / clean)"], points),
+        "<h2>Per attack</h2><p class='note'>Positives are successful adversarials only. AUC and TPR at 1/5/10 % FPR: "
+        "held-out clean vs positives, 95 % bootstrap intervals. Sizes: median over successful adversarials, L∞ in 8-bit "
+        "gray levels, L2 in [0,1] pixel units, L0 in pixels. Queries: per attacked image (black box with probing).</p>",
+        _html_table(list(TABLE_COLUMNS), table_rows(artifact)),
+        "<h2>ROC curves</h2>", f"<img src='{roc_figure(result, labels)}'>",
+        "<h2>Score distributions</h2>", f"<img src='{histogram_figure(result, labels)}'>",
+        "<h2>Examples</h2>",
+        f"<img src='{examples}'>" if examples else "<p class='note'>No successful adversarial in the example chunks.</p>",
+        "<h2>Settings used</h2>", f"<pre>{html.escape(json.dumps(settings, indent=2, sort_keys=True, default=str))}</pre>",
+        "</body></html>",
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))
+    return path

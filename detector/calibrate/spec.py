@@ -1,0 +1,221 @@
+"""What a calibration job is: its settings (:class:`JobConfig`) and its attacks (:class:`AttackSpec`).
+
+Both are plain, JSON-serializable dataclasses. The job's settings travel with
+the work directory (``job.json``) so that ``calibrate merge`` can check that
+every shard ran the same job, and they are recorded in the artifact and the
+report ("the settings used").
+
+Attack specs are written on the command line as
+``NAME[:key=value,key=value...]`` where NAME is a registry attack
+(``advsentry attack --list``) and the keys are that attack's parameters plus
+these job-level ones:
+
+- ``as=LABEL``: the row name in tables (default: NAME, or NAME_2 ... when repeated);
+- ``targeted=true``: targeted variant, the target class drawn per image from the seed;
+- ``transfer=true``: black box *without* probing: craft on the surrogate model
+  (``--surrogate``), count success on the protected model;
+- ``limit=N``: attack only selected images among the first N candidates (for
+  expensive attacks; candidates are interleaved across source photos).
+
+The scenario follows from the attack's family: white-box attacks run on the
+local model, query-based ones (boundary, hopskipjump, square, one_pixel) reach
+the model only through predictions (a Triton endpoint with ``--query-url``),
+``universal`` fits one perturbation on the fit split and applies it to all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCENARIOS = ("white_box", "black_box_probing", "black_box_transfer", "universal")
+
+
+class JobConfigError(ValueError):
+    """Invalid calibration settings (the message says which and why)."""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of the job: registry name, its parameters, and how it is run."""
+
+    label: str
+    attack: str
+    params: dict[str, Any] = field(default_factory=dict)
+    targeted: bool = False
+    transfer: bool = False
+    limit: int | None = None
+
+    @property
+    def scenario(self) -> str:
+        from detector.attacks import ATTACKS
+
+        family = ATTACKS[self.attack].family
+        if self.transfer:
+            return "black_box_transfer"
+        return family if family in SCENARIOS else "white_box"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttackSpec":
+        return cls(**data)
+
+    @classmethod
+    def parse(cls, text: str) -> "AttackSpec":
+        """``"pgd_linf:eps=0.0078,steps=5,as=pgd2"`` -> spec (validated against the registry)."""
+        from detector.attacks import ATTACKS
+
+        name, _, rest = text.partition(":")
+        name = name.strip()
+        if name not in ATTACKS:
+            raise JobConfigError(f"unknown attack {name!r} in {text!r}; known: {', '.join(ATTACKS)}")
+        cls_ = ATTACKS[name]
+        if cls_.family == "fooling":
+            raise JobConfigError(f"{name}: fooling images have no clean counterpart and cannot calibrate a threshold")
+        params: dict[str, Any] = {}
+        job: dict[str, Any] = {"as": name, "targeted": False, "transfer": False, "limit": None}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise JobConfigError(f"attack {text!r}: expected key=value, got {item!r}")
+            key = key.strip()
+            (job if key in job else params)[key] = _parse_value(value.strip())
+        unknown = sorted(set(params) - set(cls_.defaults))
+        if unknown:
+            raise JobConfigError(f"attack {name}: unknown parameter(s) {unknown}; known: {sorted(cls_.defaults)}")
+        if job["targeted"] and not cls_.supports_targeted:
+            raise JobConfigError(f"attack {name} has no targeted variant")
+        if job["transfer"] and cls_.family != "white_box":
+            raise JobConfigError(f"transfer=true needs a white-box attack crafted on the surrogate, not {name}")
+        limit = job["limit"]
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise JobConfigError(f"attack {text!r}: limit must be a positive integer")
+        return cls(str(job["as"]), name, params, bool(job["targeted"]), bool(job["transfer"]), limit)
+
+    def seed_for(self, seed: int, chunk: int) -> int:
+        """Per-(attack, chunk) seed: independent of which shard or process runs the chunk."""
+        return (seed * 1_000_003 + zlib.crc32(self.label.encode()) + 7919 * chunk) % (2**31 - 1)
+
+
+#: Cheap attacks that make a calibration on ~20 crops finish in about a minute on 2 cores.
+DEFAULT_ATTACKS: tuple[str, ...] = (
+    "fgsm:eps=0.00784",
+    "pgd_linf:eps=0.00784,alpha=0.00392,steps=5",
+    "gradient_l2:eps=1.0",
+    "square:eps=0.0157,n_queries=100",
+)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """All settings of one calibration job (``--shard`` excepted: shards share one job)."""
+
+    # the protected model
+    model: str = "bundled"  # bundled | FILE (TorchScript) | pkg.module:factory | triton
+    weights: str | None = None  # state dict for a factory
+    model_name: str | None = None  # identity overrides (needed for model=triton)
+    weights_sha256: str | None = None
+    triton_url: str | None = None
+    triton_model: str | None = None
+    query_via_triton: bool = False  # black-box probing attacks query --triton-url
+    score_via_triton: bool = False  # labels and feature maps from --triton-url (e.g. for a TorchScript model)
+    surrogate: str | None = None  # transfer attacks: bundled | FILE | pkg.module:factory
+    surrogate_weights: str | None = None
+    # clean images
+    images: tuple[str, ...] = ()  # folders / files; empty = bundled photos
+    crops_per_photo: int = 2
+    min_confidence: float | None = None  # None: 0.3 for bundled crops, 0.0 for user images
+    image_size: int = 224
+    holdout: float = 0.5
+    # attacks
+    attacks: tuple[AttackSpec, ...] = ()
+    quantize: bool = True
+    # the detector and the threshold
+    detector: str = "default"  # default | paper | FILE (artifact whose maps/combiner are used)
+    refit_combiner: bool = False
+    target_fprs: tuple[float, ...] = (0.05,)
+    n_boot: int = 1000
+    # execution
+    seed: int = 0
+    chunk_size: int = 8
+    example_chunks: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.target_fprs or not all(0.0 < f < 1.0 for f in self.target_fprs):
+            raise JobConfigError(f"target FPRs must be in (0, 1), got {list(self.target_fprs)}")
+        if not 0.0 < self.holdout < 1.0:
+            raise JobConfigError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.chunk_size < 1 or self.crops_per_photo < 1:
+            raise JobConfigError("chunk size and crops per photo must be positive")
+        labels = [a.label for a in self.attacks]
+        if len(set(labels)) != len(labels):
+            raise JobConfigError(f"attack labels must be unique (use as=LABEL), got {labels}")
+        if self.uses_triton and not (self.triton_url and self.triton_model):
+            raise JobConfigError("a Triton model needs --triton-url and --triton-model")
+        if self.model == "triton":
+            white = [a.label for a in self.attacks if a.scenario in ("white_box", "universal")]
+            if white:
+                raise JobConfigError(
+                    f"attack(s) {white} need gradients of a local model, but --model triton gives prediction "
+                    "access only; add the local model (--model ...) or use black-box attacks / transfer=true"
+                )
+        if any(a.transfer for a in self.attacks) and not self.surrogate:
+            raise JobConfigError("transfer=true attacks need --surrogate (the model they are crafted on)")
+
+    @property
+    def uses_triton(self) -> bool:
+        return self.model == "triton" or self.query_via_triton or self.score_via_triton
+
+    @property
+    def scores_via_triton(self) -> bool:
+        return self.model == "triton" or self.score_via_triton
+
+    @property
+    def bundled_images(self) -> bool:
+        return not self.images
+
+    @property
+    def confidence_floor(self) -> float:
+        if self.min_confidence is not None:
+            return float(self.min_confidence)
+        return 0.3 if self.bundled_images else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        document = {f.name: getattr(self, f.name) for f in fields(self)}
+        document["attacks"] = [a.to_dict() for a in self.attacks]
+        document["images"] = list(self.images)
+        document["target_fprs"] = list(self.target_fprs)
+        return document
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JobConfigError(f"unknown job setting(s): {', '.join(unknown)}")
+        values = dict(data)
+        values["attacks"] = tuple(AttackSpec.from_dict(a) for a in data.get("attacks", ()))
+        values["images"] = tuple(data.get("images", ()))
+        values["target_fprs"] = tuple(float(f) for f in data.get("target_fprs", (0.05,)))
+        return cls(**values)
+
+    def differences(self, other: "JobConfig") -> list[str]:
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{key}: {mine[key]!r} != {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
+
+
+def digest(*parts: Any) -> str:
+    """Short content key of JSON-able parts (names the cached work units)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,196 @@
+"""``advsentry calibrate``: threshold calibration jobs (``run``, ``merge``, ``verify``).
+
+``calibrate run`` attacks clean images with the chosen attacks, scores clean
+and adversarial images exactly as the sidecar will, fits the threshold on one
+split and reports the held-out FPR, and writes the artifact ``advsentry serve
+--calibration`` loads plus an HTML report. Work is kept in ``--work-dir``: a
+killed run resumes where it stopped; ``--shard i/n`` computes one part and
+``calibrate merge`` combines the parts into the artifact a single run gives.
+``calibrate verify`` checks an artifact (schema, checksum, and optionally
+that it fits a model) the way the sidecar does before loading it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+
+calibrate_app = typer.Typer(
+    name="calibrate",
+    help="Calibrate the detector's threshold on your model and images (run, merge, verify).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    index, sep, count = text.partition("/")
+    try:
+        value = int(index), int(count)
+    except ValueError:
+        _fail(f"--shard must look like i/n (e.g. 0/4), got {text!r}", 2)
+    if not sep or not 0 <= value[0] < value[1]:
+        _fail(f"--shard must be i/n with 0 <= i < n, got {text!r}", 2)
+    return value
+
+
+def _summary(artifact) -> str:  # type: ignore[no-untyped-def]
+    lines = [f"calibration {artifact.id}: threshold {artifact.threshold:.6f} (target FPR {artifact.target_fpr})"]
+    for point in artifact.results.get("operating_points", ()):
+        lines.append(
+            f"  target FPR {point['target_fpr']:g}: threshold {point['threshold']:.6f}, held-out FPR "
+            f"{point['held_out_fpr']:.3f} ({point['held_out_false_positives']}/{point['held_out_clean']})"
+        )
+    return "\n".join(lines)
+
+
+@calibrate_app.command("run")
+def run(
+    out: Annotated[Optional[Path], typer.Option(help="Artifact to write (JSON); not with --shard.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="HTML report to write.")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Finished work units (resume, shards); default OUT.work/.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Compute part i of n (i/n); combine with `calibrate merge`.")] = None,
+    model: Annotated[str, typer.Option(help="bundled | TorchScript FILE | pkg.module:factory | triton.")] = "bundled",
+    weights: Annotated[Optional[Path], typer.Option(help="State dict for a pkg.module:factory model.")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Model name recorded in the artifact (default: from --model).")] = None,
+    weights_sha256: Annotated[Optional[str], typer.Option(help="Weights hash recorded in the artifact (needed for --model triton to match a sidecar that knows the weights).")] = None,
+    triton_url: Annotated[Optional[str], typer.Option(help="Triton gRPC endpoint HOST:PORT (for --model triton or --query-via-triton).")] = None,
+    triton_model: Annotated[Optional[str], typer.Option(help="Model name on the Triton endpoint.")] = None,
+    query_via_triton: Annotated[bool, typer.Option("--query-via-triton", help="Black-box probing attacks query the Triton endpoint (counted), not the local model.")] = False,
+    score_via_triton: Annotated[bool, typer.Option("--score-via-triton", help="Labels and feature maps come from the Triton endpoint (e.g. for a TorchScript --model).")] = False,
+    surrogate: Annotated[Optional[str], typer.Option(help="Surrogate model for transfer=true attacks (same forms as --model).")] = None,
+    surrogate_weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory surrogate.")] = None,
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="Clean image folder or file (repeatable); default: the bundled photos.")] = None,
+    crops_per_photo: Annotated[int, typer.Option(min=1, help="Bundled photos: random crops per photo.")] = 2,
+    min_confidence: Annotated[Optional[float], typer.Option(help="Keep clean images whose top-1 probability is at least this (default 0.3 bundled, 0 user images).")] = None,
+    image_size: Annotated[int, typer.Option(min=8, help="Images are centre-cropped and resized to this side.")] = 224,
+    holdout: Annotated[float, typer.Option(help="Fraction of sources (photos/files) held out to measure the FPR.")] = 0.5,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack", help="NAME[:key=value,...] (repeatable); keys: the attack's params, as=, targeted=, transfer=, limit=.")] = None,
+    quantize: Annotated[bool, typer.Option("--quantize/--no-quantize", help="Adversarials on the 8-bit grid.")] = True,
+    detector: Annotated[str, typer.Option(help="Detector maps/combiner: default (the study's choice), paper, or an artifact FILE.")] = "default",
+    refit_combiner: Annotated[bool, typer.Option("--refit-combiner", help="Fit a logistic combiner over the maps on the fit split.")] = False,
+    target_fpr: Annotated[Optional[list[float]], typer.Option("--target-fpr", help="Target FPR (repeatable; the first is put in force).")] = None,
+    n_boot: Annotated[int, typer.Option(min=10, help="Bootstrap resamples for the intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of crops, split, attacks, bootstrap.")] = 0,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Images per work unit (changing it changes the units).")] = 8,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars with ETA on stderr.")] = True,
+    list_attacks: Annotated[bool, typer.Option("--list-attacks", help="List attacks and their parameters, then exit.")] = False,
+) -> None:
+    """Generate adversarials, fit the threshold for the target FPR, write artifact + report.
+
+    Exit codes: 0 ok, 2 usage / invalid settings, 3 bad input images, 1 other.
+    """
+    from detector.attacks import ATTACKS
+
+    if list_attacks:
+        for name, cls in ATTACKS.items():
+            if cls.family != "fooling":
+                typer.echo(f"{name:12s} {cls.family:18s} defaults={dict(cls.defaults)}")
+        raise typer.Exit(0)
+    parts = _shard(shard)
+    if parts[1] == 1 and out is None:
+        _fail("--out is required (unless --shard i/n, whose parts `calibrate merge` combines)", 2)
+    if parts[1] > 1 and work_dir is None:
+        _fail("--shard needs --work-dir (where this part's units go)", 2)
+    work = work_dir or Path(f"{out}.work")
+
+    from detector.calibrate import DEFAULT_ATTACKS, AttackSpec, JobConfig, JobConfigError, run_calibration
+
+    try:
+        config = JobConfig(
+            model=model, weights=str(weights) if weights else None, model_name=model_name, weights_sha256=weights_sha256,
+            triton_url=triton_url, triton_model=triton_model, query_via_triton=query_via_triton,
+            score_via_triton=score_via_triton,
+            surrogate=surrogate, surrogate_weights=str(surrogate_weights) if surrogate_weights else None,
+            images=tuple(str(p) for p in images or ()), crops_per_photo=crops_per_photo, min_confidence=min_confidence,
+            image_size=image_size, holdout=holdout,
+            attacks=tuple(AttackSpec.parse(text) for text in (attack or DEFAULT_ATTACKS)), quantize=quantize,
+            detector=detector, refit_combiner=refit_combiner, target_fprs=tuple(target_fpr or (0.05,)),
+            n_boot=n_boot, seed=seed, chunk_size=chunk_size,
+        )
+    except JobConfigError as error:
+        _fail(str(error), 2)
+    _execute(lambda: run_calibration(config, work, out=out, report=report, shard=parts, device=device, progress=progress),
+             out, report, parts)
+
+
+def _execute(action, out, report, parts) -> None:  # type: ignore[no-untyped-def]
+    from detector.calibrate import IncompleteJobError, JobConfigError, WorkDirError
+    from detector.calibrate.triton_query import TritonEndpointError
+    from detector.calibration import CalibrationError
+    from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
+
+    try:
+        result = action()
+    except JobConfigError as error:
+        _fail(str(error), 2)
+    except (FileNotFoundError, ValueError) as error:
+        if isinstance(error, CalibrationError):
+            _fail(str(error), EXIT_CALIBRATION_ERROR)
+        _fail(str(error), EXIT_INPUT_ERROR)
+    except (IncompleteJobError, WorkDirError, TritonEndpointError) as error:
+        _fail(str(error), 1)
+    if parts[1] > 1:
+        typer.echo(f"shard {parts[0]}/{parts[1]}: {result.computed} unit(s) computed, {result.reused} reused", err=True)
+        return
+    typer.echo(_summary(result))
+    typer.echo(f"wrote {out}" + (f" and {report}" if report else ""))
+
+
+@calibrate_app.command("merge")
+def merge(
+    work_dirs: Annotated[list[Path], typer.Argument(help="The shards' work directories (all parts of one job).")],
+    out: Annotated[Path, typer.Option(help="Artifact to write (JSON).")],
+    report: Annotated[Optional[Path], typer.Option(help="HTML report to write.")] = None,
+) -> None:
+    """Combine the parts of a sharded job into the artifact (and report) a single run gives."""
+    from detector.calibrate import merge_calibration
+
+    _execute(lambda: merge_calibration(list(work_dirs), out=out, report=report), out, report, (0, 1))
+
+
+@calibrate_app.command("verify")
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="Calibration artifact (JSON).")],
+    model: Annotated[Optional[str], typer.Option(help="Also check it fits this model: bundled | FILE | pkg.module:factory.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory model.")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="Also check it fits this detector: default | paper | artifact FILE.")] = None,
+) -> None:
+    """Check an artifact as the sidecar does (schema, checksum, model and detector match). Exit 4 if refused."""
+    from detector.calibration import CalibrationArtifact, CalibrationError
+    from service.cli import EXIT_CALIBRATION_ERROR
+
+    try:
+        loaded = CalibrationArtifact.load(artifact)
+        features = loaded.features
+        if detector is not None:
+            from detector.calibrate.job import detector_config
+
+            features = detector_config(detector)[0]
+        identity = None
+        if model is not None:
+            from detector.calibrate.access import load_model
+
+            identity = load_model(model, str(weights) if weights else None)[1]
+        problems = loaded.mismatches(features, identity)
+        if problems:
+            raise CalibrationError(f"{artifact} does not match: " + "; ".join(problems))
+    except CalibrationError as error:
+        _fail(str(error), EXIT_CALIBRATION_ERROR)
+    typer.echo(_summary(loaded))
+    typer.echo(f"model {loaded.model.name} sha256 {loaded.model.weights_sha256}; maps {', '.join(loaded.features)}; "
+               f"combiner {loaded.combiner.kind}: OK")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(calibrate_app, name="calibrate")
