@@ -8,7 +8,7 @@ Public API::
 from .calibration import CalibrationArtifact, CalibrationError
 from .combiner import LogisticCombiner, SingleMap
 from .config import NAMED_CONFIGS, PAPER_CONFIG, ConfigError, ScoreConfig
-from .detector import DEFAULT_ARTIFACT_PATH, DEFAULT_COMBINER, DEFAULT_FEATURES, FEATURE_RESPONSE, Detector
+from .detector import DEFAULT_ARTIFACT_PATH, DEFAULT_COMBINER, DEFAULT_FEATURES, FEATURE_RESPONSE, GENERIC_FEATURES, Detector
 from .entropy import average_local_spatial_entropy, gray_levels, local_entropy_map
 from .guided import FeatureResponse, UnsupportedModelError, guided_backprop, guided_feature_response, guided_responses
 from .models import ModelIdentity
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_FEATURES",
     "Detector",
     "FEATURE_RESPONSE",
+    "GENERIC_FEATURES",
     "FeatureResponse",
     "LogisticCombiner",
     "ModelIdentity",

@@ -13,6 +13,7 @@ Schema ``advsentry.calibration/v1``::
      "id": "...", "created_at": "2026-...Z",
      "threshold": 2.71,
      "features": {"feature_response": {ScoreConfig fields}},
+     "feature_order": ["feature_response"],   # the combiner's weights follow this order
      "combiner": {"kind": "single"} | {"kind": "logistic", ...},
      "model": {"name": ..., "weights_sha256": ...},
      "versions": {"advsentry": ..., "torch": ..., "numpy": ...},
@@ -39,7 +40,9 @@ from .config import ConfigError, ScoreConfig
 from .models import ModelIdentity
 
 SCHEMA = "advsentry.calibration/v1"
-_REQUIRED = ("schema", "id", "created_at", "threshold", "features", "combiner", "model", "versions", "checksum")
+_REQUIRED = (
+    "schema", "id", "created_at", "threshold", "features", "feature_order", "combiner", "model", "versions", "checksum",
+)
 
 
 class CalibrationError(ValueError):
@@ -111,6 +114,9 @@ class CalibrationArtifact:
             "created_at": self.created_at,
             "threshold": self.threshold,
             "features": {name: config.to_dict() for name, config in self.features.items()},
+            # JSON objects are unordered (and written with sorted keys); the combiner's
+            # weights follow this order, so it is stored explicitly.
+            "feature_order": list(self.features),
             "combiner": self.combiner.to_dict(),
             "model": self.model.to_dict(),
             "versions": dict(self.versions),
@@ -148,7 +154,10 @@ class CalibrationArtifact:
             threshold = float(document["threshold"])
             if not math.isfinite(threshold):
                 raise ValueError("threshold is not finite")
-            features = {name: ScoreConfig.from_dict(cfg) for name, cfg in document["features"].items()}
+            order = list(document["feature_order"])
+            if sorted(order) != sorted(document["features"]) or len(set(order)) != len(order):
+                raise ValueError(f"feature_order {order} does not list the features {sorted(document['features'])}")
+            features = {name: ScoreConfig.from_dict(document["features"][name]) for name in order}
             if not features:
                 raise ValueError("no features")
             model = ModelIdentity(str(document["model"]["name"]), str(document["model"]["weights_sha256"]))

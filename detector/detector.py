@@ -18,7 +18,7 @@ from torch import nn
 
 from .calibration import CalibrationArtifact, CalibrationError
 from .combiner import Combiner, SingleMap
-from .config import ScoreConfig
+from .config import PAPER_CONFIG, ScoreConfig
 from .entropy import average_local_spatial_entropy
 from .features import FeatureModel, extract_maps
 from .models import ModelIdentity, bundled_identity, load_bundled_model
@@ -34,6 +34,12 @@ DEFAULT_ARTIFACT_PATH = Path(__file__).resolve().parent / "data" / "default_dete
 DEFAULT_ARTIFACT = CalibrationArtifact.load(DEFAULT_ARTIFACT_PATH)
 DEFAULT_FEATURES: dict[str, ScoreConfig] = dict(DEFAULT_ARTIFACT.features)
 DEFAULT_COMBINER: Combiner = DEFAULT_ARTIFACT.combiner
+
+#: The model-agnostic detector for any other model: the paper's map (guided
+#: backprop of the auto-detected final conv layer). The default above reads
+#: named layers of EfficientNet-Lite0, so it cannot serve a user's own model;
+#: users calibrate their own (``advsentry calibrate``) starting from this one.
+GENERIC_FEATURES: dict[str, ScoreConfig] = {FEATURE_RESPONSE: PAPER_CONFIG}
 
 
 class Detector:

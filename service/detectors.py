@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector import CalibrationError, Detector, ModelIdentity
+from detector import GENERIC_FEATURES, CalibrationError, Detector, ModelIdentity
 
 from .metrics import SidecarMetrics
 
@@ -100,6 +100,9 @@ class DetectorRegistry:
         self._lock = threading.Lock()
         self._detectors: dict[str, ModelDetector] = {}
         self._signatures: dict[Path, tuple[int, int, str] | None] = {}
+        # Models served by the model-agnostic detector (they expose the generic map,
+        # not the default's): never given the default calibration, which is for other maps.
+        self._generic: set[str] = set()
         # The default detector (no model-specific file): validated once at start.
         self._template = self._build(None, self.default_calibration)
         if self.default_calibration:
@@ -111,20 +114,31 @@ class DetectorRegistry:
     def _calibration_path(self, model: str | None) -> Path | None:
         if model is not None and model in self.per_model_calibration:
             return self.per_model_calibration[model]
+        if model in self._generic:
+            return None
         return self.default_calibration
 
     def _build(self, model: str | None, path: Path | None) -> Detector:
         identity = self.model_identity.get(model) if model else None
         if path is None:
-            return Detector(device=self.device)
+            return Detector(GENERIC_FEATURES if model in self._generic else None, device=self.device)
         return Detector.from_artifact(path, model_identity=identity, device=self.device)
 
     def default_feature_outputs(self) -> tuple[str, ...]:
         return self._template.feature_outputs
 
-    def get(self, model: str) -> ModelDetector:
-        """The model's detector (built on first use). Raises ``CalibrationError`` for a bad artifact."""
+    @staticmethod
+    def generic_feature_outputs() -> tuple[str, ...]:
+        return tuple(GENERIC_FEATURES)
+
+    def get(self, model: str, *, generic: bool = False) -> ModelDetector:
+        """The model's detector (built on first use). Raises ``CalibrationError`` for a bad artifact.
+
+        ``generic``: the model exposes only the model-agnostic map (see :data:`GENERIC_FEATURES`).
+        """
         with self._lock:
+            if generic and model not in self.per_model_calibration:
+                self._generic.add(model)
             found = self._detectors.get(model)
         if found is not None:
             return found

@@ -250,14 +250,19 @@ class InferenceCore:
         if explicit is None and not self.settings.protect_all:
             return None, None
         spec = await self.metadata_lookup(model, version)
+        outputs = set(spec.outputs) if spec is not None else set()
+        # Models that expose the generic map but not the default's are scored by the
+        # model-agnostic detector (a user's own model before it has a calibration).
+        generic = spec is not None and not set(self.registry.default_feature_outputs()) <= outputs and set(
+            self.registry.generic_feature_outputs()
+        ) <= outputs
         if explicit is None:
             if spec is None:
                 return None, None
-            wanted = self.registry.default_feature_outputs()
-            if not set(wanted) <= set(spec.outputs):
+            if not generic and not set(self.registry.default_feature_outputs()) <= outputs:
                 return None, spec
         try:
-            detector = self.registry.get(model)
+            detector = self.registry.get(model, generic=generic)
         except CalibrationError as error:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"model {model!r}: {error}") from error
         return Protection(detector, self.settings.policy_for(model)), spec

@@ -29,7 +29,7 @@ def test_detection_study_smoke(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["data"]["dev"] > 0 and results["data"]["test"] > 0
     assert not set(results["data"]["test_photos"]) & set(results["data"]["dev_photos"])
-    assert set(results["test"]) == {"paper", "best_single", "combined", "combined_seen", "feature_squeezing"}
+    assert set(results["test"]) == {"paper", "best_single", "combined", "combined_seen", "combined_unconstrained", "feature_squeezing"}
     for table in results["test"].values():
         for row in table.values():
             assert 0.0 <= row["auc"]["value"] <= 1.0 or row["adversarial"] == 0

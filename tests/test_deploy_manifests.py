@@ -274,6 +274,11 @@ def test_calibration_is_a_hot_reloadable_directory_mount_of_a_valid_artifact(ren
     artifact_file.write_text(base[("ConfigMap", "advsentry-calibration")]["data"][path.name])
     artifact = CalibrationArtifact.load(artifact_file)  # schema + checksum
     assert artifact.mismatches(artifact.features, bundled_identity()) == []
+    # The init container exports the bundled model with the default maps, so the
+    # shipped artifact must read exactly those outputs (else every request fails).
+    from detector import DEFAULT_COMBINER, DEFAULT_FEATURES
+
+    assert artifact.features == DEFAULT_FEATURES and artifact.combiner == DEFAULT_COMBINER
 
 
 def test_pdb_hpa_monitor_and_networkpolicy_point_at_the_pod(rendered):

@@ -270,7 +270,7 @@ def _fgsm(pixels: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Triton + a calibrated sidecar + Prometheus scraping it with the rules (short `for:`)."""
-    from detector import DEFAULT_FEATURES, CalibrationArtifact
+    from detector import DEFAULT_COMBINER, DEFAULT_FEATURES, CalibrationArtifact
     from detector.models import bundled_identity
     from e2e_triton import MODEL, RunningSidecar, export_bundled, infer_input, make_settings, outputs, photo_pixels
     from service.triton.server import TritonServer
@@ -298,7 +298,7 @@ def stack(tmp_path_factory):
             probe.stop()
         assert scores[1] > scores[0], f"the FGSM photo must score above the clean one: {scores}"
         calibration = work / "calibration.json"
-        CalibrationArtifact.create(sum(scores) / 2, DEFAULT_FEATURES, bundled_identity()).save(calibration)
+        CalibrationArtifact.create(sum(scores) / 2, DEFAULT_FEATURES, bundled_identity(), combiner=DEFAULT_COMBINER).save(calibration)
 
         running = RunningSidecar(
             make_settings(upstream=triton.grpc_address, metrics_port=_free_port(), metrics_host="127.0.0.1",

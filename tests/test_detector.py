@@ -95,6 +95,18 @@ def test_malformed_artifacts_are_refused(tmp_path, content, message):
         Detector(ScoreConfig(), model_identity=MODEL).load_calibration(tmp_path / "missing.json")
 
 
+def test_map_order_survives_the_artifact_even_when_names_sort_differently(tmp_path):
+    """Weights follow the fit order; JSON objects do not keep order, the artifact must."""
+    features = {"zeta": ScoreConfig(levels=8), "alpha": ScoreConfig(levels=64, gray="abs_sum")}
+    combiner = LogisticCombiner(weights=(3.0, -1.0), bias=0.0, mean=(0.0, 0.0), scale=(1.0, 1.0))
+    original = Detector(features, combiner=combiner, model_identity=MODEL)
+    CalibrationArtifact.create(0.0, features, MODEL, combiner=combiner).save(tmp_path / "ordered.json")
+    loaded = Detector.from_artifact(tmp_path / "ordered.json", model_identity=MODEL)
+    assert loaded.feature_outputs == ("zeta", "alpha")
+    maps = {"zeta": torch.rand(2, 3, 10, 10), "alpha": torch.rand(2, 3, 10, 10)}
+    torch.testing.assert_close(loaded.score_maps(maps), original.score_maps(maps))
+
+
 def test_logistic_combiner_over_several_maps(tmp_path):
     features = {"early": ScoreConfig(response="activation", layer="a", gray="mean"), "late": ScoreConfig(levels=8)}
     combiner = LogisticCombiner(weights=(2.0, -1.0), bias=0.5, mean=(1.0, 2.0), scale=(0.5, 1.0))

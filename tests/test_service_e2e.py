@@ -54,10 +54,10 @@ class TritonPythonModel:
 
 
 def write_calibration(path: Path, threshold: float) -> Path:
-    from detector import DEFAULT_FEATURES, CalibrationArtifact
+    from detector import DEFAULT_COMBINER, DEFAULT_FEATURES, CalibrationArtifact
     from detector.models import bundled_identity
 
-    CalibrationArtifact.create(threshold, DEFAULT_FEATURES, bundled_identity()).save(path)
+    CalibrationArtifact.create(threshold, DEFAULT_FEATURES, bundled_identity(), combiner=DEFAULT_COMBINER).save(path)
     return path
 
 
@@ -179,9 +179,14 @@ def test_unary_classifies_and_annotates_and_strips_feature_output(sidecar, trito
     # No requested outputs = "all outputs" for Triton; the sidecar still strips its own.
     everything = client.infer(MODEL, [infer_input(photo_pixels(1))])
     assert [o.name for o in everything.get_response().outputs] == ["logits"]
-    # Asked for explicitly, the feature response is kept.
-    both = client.infer(MODEL, [infer_input(photo_pixels(1))], outputs=outputs("logits", "feature_response"))
-    assert both.as_numpy("feature_response").shape == (1, 3, 224, 224)
+    # Asked for explicitly, a feature map is kept (and equals Triton's own answer).
+    from detector import DEFAULT_FEATURES
+
+    first_map = next(iter(DEFAULT_FEATURES))
+    both = client.infer(MODEL, [infer_input(photo_pixels(1))], outputs=outputs("logits", first_map))
+    assert sorted(o.name for o in both.get_response().outputs) == sorted(["logits", first_map])
+    reference = direct.infer(MODEL, [infer_input(photo_pixels(1))], outputs=outputs(first_map)).as_numpy(first_map)
+    np.testing.assert_allclose(both.as_numpy(first_map), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_policies_on_clean_and_perturbed_photo(triton, photos, calibration, scores):
@@ -451,18 +456,18 @@ def test_calibration_hot_reload_and_bad_file_refused(triton, tmp_path, scores, c
     try:
         client = grpcclient.InferenceServerClient(running.address)
         first = _params(client.infer(MODEL, [infer_input(photo_pixels(1))], outputs=outputs("logits")))
-        write_calibration(path, 0.5)  # everything above 0.5 bits is flagged
+        write_calibration(path, -1000.0)  # below any score: everything is flagged
         assert wait_for(lambda: _counter(running.sidecar.metrics.exposition().decode(),
                                          "advsentry_calibration_reloads_total", result="loaded") == 1)
         second = _params(client.infer(MODEL, [infer_input(photo_pixels(1))], outputs=outputs("logits")))
         assert first["advsentry_adversarial"] is False and second["advsentry_adversarial"] is True
-        assert second["advsentry_threshold"] == 0.5 and second["advsentry_calibration"] != first["advsentry_calibration"]
+        assert second["advsentry_threshold"] == -1000.0 and second["advsentry_calibration"] != first["advsentry_calibration"]
         document = json.loads(path.read_text())
         document["threshold"] = 99.0  # tampered: checksum no longer matches
         path.write_text(json.dumps(document))
         assert wait_for(lambda: _counter(running.sidecar.metrics.exposition().decode(),
                                          "advsentry_calibration_reloads_total", result="refused") == 1)
         third = _params(client.infer(MODEL, [infer_input(photo_pixels(1))], outputs=outputs("logits")))
-        assert third["advsentry_threshold"] == 0.5
+        assert third["advsentry_threshold"] == -1000.0
     finally:
         running.stop()

@@ -127,14 +127,19 @@ def test_detector_service_detect_stream_and_status(triton):
         assert reply.verdicts[0].score == pytest.approx(
             proxied.get_response().parameters["advsentry_score"].double_param, abs=1e-9)
         # Maps scored directly; a bad message in a stream does not end it.
-        maps = proxied_maps = grpcclient.InferenceServerClient(triton.grpc_address).infer(
-            MODEL, [infer_input(pixels)], outputs=outputs("feature_response")).as_numpy("feature_response")
-        del proxied_maps
+        from detector import DEFAULT_FEATURES
+
+        names = list(DEFAULT_FEATURES)
+        upstream_maps = grpcclient.InferenceServerClient(triton.grpc_address).infer(
+            MODEL, [infer_input(pixels)], outputs=outputs(*names))
         direct = detector_pb2.DetectRequest(id="maps", model_name=MODEL)
-        direct.feature_maps.add(name="feature_response", datatype="FP32", shape=list(maps.shape),
-                                raw_contents=np.ascontiguousarray(maps).tobytes())
+        for name in names:
+            maps = np.ascontiguousarray(upstream_maps.as_numpy(name))
+            direct.feature_maps.add(name=name, datatype="FP32", shape=list(maps.shape), raw_contents=maps.tobytes())
         broken = detector_pb2.DetectRequest(id="broken", model_name=MODEL)
-        broken.feature_maps.add(name="feature_response", datatype="FP32", shape=[1, 3, 4, 4], raw_contents=b"1234")
+        broken.CopyFrom(direct)
+        broken.id = "broken"
+        broken.feature_maps[0].raw_contents = b"1234"  # shape says otherwise
         replies = list(stub.DetectStream(iter([direct, broken, request]), timeout=60))
         assert [r.id for r in replies] == ["maps", "broken", "x"]
         assert replies[0].verdicts[0].score == pytest.approx(reply.verdicts[0].score, abs=1e-9)
@@ -145,7 +150,7 @@ def test_detector_service_detect_stream_and_status(triton):
         status = stub.GetStatus(detector_pb2.GetStatusRequest(), timeout=10)
         assert status.upstream_ready and status.default_policy == "annotate"
         assert [m.model_name for m in status.models] == [MODEL]
-        assert list(status.models[0].feature_outputs) == ["feature_response"]
+        assert list(status.models[0].feature_outputs) == names
         assert any(key.startswith("advsentry_requests_total") for key in status.counters)
     finally:
         running.stop()
@@ -160,7 +165,7 @@ def test_library_interceptor_protects_a_teams_own_server(triton, tmp_path):
 
     from test_service_e2e import write_calibration
 
-    calibration = write_calibration(tmp_path / "cal.json", 0.5)  # flags everything
+    calibration = write_calibration(tmp_path / "cal.json", -1000.0)  # below any score: flags everything
     interceptor = build_interceptor(Settings(models={MODEL: {}}, calibration=calibration, policy="reject"))
     loop = LoopThread()
 
@@ -185,7 +190,7 @@ def test_library_interceptor_protects_a_teams_own_server(triton, tmp_path):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         with pytest.raises(Exception) as caught:
             client.infer(MODEL, [infer_input(photo_pixels(1))], outputs=outputs("logits"))
-        assert "PERMISSION_DENIED" in str(caught.value.status()) and "threshold 0.5" in caught.value.message()
+        assert "PERMISSION_DENIED" in str(caught.value.status()) and "threshold -1000.000000" in caught.value.message()
         answers: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         client.async_stream_infer(MODEL, [infer_input(photo_pixels(1))], request_id="s1", outputs=outputs("logits"))

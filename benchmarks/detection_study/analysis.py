@@ -15,7 +15,7 @@ part is scored once per chosen detector to fill the tables.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +101,21 @@ def _cv_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float) -> float
     return auc(scores[y == 0], scores[y == 1])
 
 
+def one_pass_budget(configs: list[ScoreConfig]) -> bool:
+    """What the product can afford per request: one forward pass and at most one guided backward.
+
+    Forward activations are free extra outputs of that forward pass; one
+    guided-backprop map seeded at a layer costs a backward pass through the
+    layers before it (the paper's map costs about two forward passes, which
+    makes the detection-cost goal of 3× a forward pass). A plain-gradient or
+    top-logit-seeded map needs a forward pass of its own and is excluded.
+    """
+    guided = [c for c in configs if c.response != "activation"]
+    if any(c.response == "gradient" or c.seed == "top_logit" for c in guided):
+        return False
+    return len({c.layer for c in guided}) <= 1
+
+
 def fit_combiner(
     split: Split,
     names: Sequence[str],
@@ -110,13 +125,17 @@ def fit_combiner(
     pool: int = 40,
     max_features: int = 6,
     c: float = 1.0,
+    budget: Callable[[list[ScoreConfig]], bool] | None = None,
 ) -> FittedCombiner:
+    """Greedy forward selection; with ``budget``, only sets of maps the budget allows are tried."""
     x, y, groups = _pooled(split, attacks)
     single = np.array([auc(x[y == 0, f], x[y == 1, f]) for f in range(x.shape[1])])
     ranked = np.argsort(-np.maximum(single, 1 - single))
     shortlist, seen_maps = [], set()
     for f in ranked:
         key = map_key(configs[names[f]])
+        if budget is not None and not budget([configs[names[f]]]):
+            continue
         if key not in seen_maps:
             shortlist.append(int(f))
             seen_maps.add(key)
@@ -126,7 +145,11 @@ def fit_combiner(
     history: list[tuple[str, float]] = []
     best = 0.5
     while len(chosen) < max_features:
-        trials = {f: _cv_auc(x[:, chosen + [f]], y, groups, c) for f in shortlist if f not in chosen}
+        trials = {
+            f: _cv_auc(x[:, chosen + [f]], y, groups, c)
+            for f in shortlist
+            if f not in chosen and (budget is None or budget([configs[names[g]] for g in chosen + [f]]))
+        }
         if not trials:
             break
         f, value = max(trials.items(), key=lambda kv: kv[1])

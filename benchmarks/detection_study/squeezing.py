@@ -34,6 +34,8 @@ def squeezing_scores(model: torch.nn.Module, pixels: torch.Tensor, *, batch_size
     """``[N]`` Feature Squeezing scores (max L1 softmax distance over the three squeezers)."""
     from art.defences.preprocessor import FeatureSqueezing, SpatialSmoothing
 
+    if pixels.shape[0] == 0:  # an attack with no successful adversarial
+        return np.zeros(0, dtype=np.float64)
     bit_depth = FeatureSqueezing(clip_values=(0.0, 1.0), bit_depth=5)
     median = SpatialSmoothing(window_size=2, channels_first=True, clip_values=(0.0, 1.0))
     scores = []

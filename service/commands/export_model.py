@@ -22,7 +22,8 @@ def export_model(
         help="A TorchScript file: refused with the reason (guided backprop needs the eager module); "
              "use --factory/--weights.", show_default=False)] = None,
     calibration: Annotated[Optional[Path], typer.Option(
-        help="Calibration artifact whose feature maps the model must return (default: the detector default).",
+        help="Calibration artifact whose feature maps the model must return (default: the study's default detector "
+             "for the bundled model, the model-agnostic guided-backprop map for --factory models).",
         show_default=False)] = None,
     image_size: Annotated[int, typer.Option(min=32, help="Input height and width.")] = 224,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Triton max_batch_size.")] = 8,
@@ -30,7 +31,7 @@ def export_model(
     instances: Annotated[int, typer.Option(min=1, help="Model instances.")] = 1,
 ) -> None:
     """Write OUT/NAME/config.pbtxt and OUT/NAME/1/model.py (Python backend) with outputs logits + feature maps."""
-    from detector import DEFAULT_FEATURES, CalibrationError
+    from detector import DEFAULT_FEATURES, GENERIC_FEATURES, CalibrationError
     from detector.calibration import CalibrationArtifact
     from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
     from service.triton.export import ExportError, ModelSource, export_model_repository
@@ -42,7 +43,9 @@ def export_model(
             err=True,
         )
         raise typer.Exit(EXIT_INPUT_ERROR)
-    features = DEFAULT_FEATURES
+    # The default detector reads named layers of the bundled EfficientNet-Lite0;
+    # a user's model gets the model-agnostic map until it has its own calibration.
+    features = DEFAULT_FEATURES if factory is None else GENERIC_FEATURES
     if calibration is not None:
         try:
             features = CalibrationArtifact.load(calibration).features
