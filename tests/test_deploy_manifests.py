@@ -344,7 +344,7 @@ def test_calibration_is_an_indexed_job_followed_by_merge(rendered):
     wait = merge["template"]["spec"]["initContainers"][0]
     assert {"name": "SHARDS", "value": str(count)} in wait["env"]
     merge_command = merge["template"]["spec"]["containers"][0]["args"][0]
-    assert "calibrate merge /work/shards/*" in merge_command and "--out /artifacts/calibration.json" in merge_command
+    assert "calibrate merge /calibration-work/shards/*" in merge_command and "--out /artifacts/calibration.json" in merge_command
     claims = {v["persistentVolumeClaim"]["claimName"] for job in (shards, merge)
               for v in job["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {name for kind, name in jobs if kind == "PersistentVolumeClaim"}
