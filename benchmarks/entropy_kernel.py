@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, time_repeated, write_result
+from benchmarks.common import RESULTS_DIR, load_average, time_repeated, write_result
 from detector import ScoreConfig, average_local_spatial_entropy
 
 
@@ -36,6 +36,7 @@ def _peak_rss_mib() -> float:
 
 
 def run(batches: list[int], levels_list: list[int], repeats: int, size: int, device: str, results_dir: Path, name: str) -> dict:
+    start_load = load_average()
     rng = np.random.default_rng(0)
     config = ScoreConfig()
     rows = []
@@ -45,7 +46,11 @@ def run(batches: list[int], levels_list: list[int], repeats: int, size: int, dev
         field = (field - field.min(axis=(1, 2), keepdims=True)) / np.ptp(field, axis=(1, 2), keepdims=True)
         maps_u8 = np.clip(field * 256, 0, 255).astype(np.uint8)
         ours_input = torch.from_numpy(maps_u8).to(device)
+        # Memory per batch: peak RSS growth of the *first* call at this batch size (the
+        # kernel works a chunk of images at a time, so this stays flat as batches grow).
+        rss_before = _peak_rss_mib()
         ours = average_local_spatial_entropy(ours_input, config).cpu().numpy()
+        rss_growth = _peak_rss_mib() - rss_before
         reference = _skimage_mean_entropy(maps_u8, config.patch)
         max_error = float(np.abs(ours - reference).max())
         if max_error > 1e-5:
@@ -53,10 +58,6 @@ def run(batches: list[int], levels_list: list[int], repeats: int, size: int, dev
         sync = torch.cuda.synchronize if device.startswith("cuda") else None
         ours_time = time_repeated(lambda: average_local_spatial_entropy(ours_input, config), repeats=repeats, sync=sync)
         skimage_time = time_repeated(lambda: _skimage_mean_entropy(maps_u8, config.patch), repeats=max(1, repeats // 2))
-        # Memory per batch: the kernel's working set is the uint8 coincidence counts
-        # (k² planes) plus float32 accumulators; measured as peak RSS growth.
-        rss_before = _peak_rss_mib()
-        average_local_spatial_entropy(ours_input, config)
         rows.append({
             "batch": batch,
             "device": device,
@@ -67,7 +68,8 @@ def run(batches: list[int], levels_list: list[int], repeats: int, size: int, dev
             "speedup": skimage_time["median_s"] / ours_time["median_s"],
             "max_abs_error": max_error,
             "peak_rss_mib": _peak_rss_mib(),
-            "peak_rss_growth_mib": _peak_rss_mib() - rss_before,
+            "peak_rss_growth_mib": rss_growth,
+            "input_mib": maps_u8.nbytes / 2**20,
         })
         print(f"batch {batch:4d}: advsentry {rows[-1]['advsentry_maps_per_s']:9.1f} maps/s, "
               f"skimage {rows[-1]['skimage_maps_per_s']:7.1f} maps/s, speedup {rows[-1]['speedup']:.1f}x, "
@@ -77,10 +79,13 @@ def run(batches: list[int], levels_list: list[int], repeats: int, size: int, dev
     maps = torch.rand(batches[0], size, size, device=device)
     for levels in levels_list:
         cfg = ScoreConfig(levels=levels, normalize="none")
-        timing = time_repeated(lambda: average_local_spatial_entropy(maps, cfg), repeats=repeats)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else None
+        timing = time_repeated(lambda: average_local_spatial_entropy(maps, cfg), repeats=repeats, sync=sync)
         level_rows.append({"levels": levels, "batch": batches[0], **timing})
         print(f"levels {levels:6d}: {timing['median_s'] * 1000:.1f} ms per batch of {batches[0]}")
-    return write_result(name, {"config": config.to_dict(), "size": size, "rows": rows, "levels": level_rows}, results_dir)
+    return write_result(name, {"config": config.to_dict(), "size": size, "load_average_start": start_load,
+                               "torch_threads": torch.get_num_threads(), "rows": rows, "levels": level_rows},
+                        results_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: the GPU row stays 'not measured'")
     if args.smoke:
         path = run([2], [16, 4096], 2, 64, args.device, args.results_dir, "entropy_kernel_smoke")
     else:

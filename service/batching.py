@@ -5,8 +5,13 @@ waiting request opens a batch; the batch is closed when it holds
 ``max_batch_size`` inputs or ``max_batch_delay_ms`` has passed since it opened,
 whichever comes first. While one batch is being scored (in a worker thread, so
 the event loop keeps accepting requests), the next one fills up, so under load
-batches grow on their own and at low load a lone request waits at most the
-delay.
+batches grow on their own.
+
+A batch is also closed at once when no other request is *on its way*: callers
+wrap their upstream call in :meth:`MicroBatcher.incoming`, so the batcher knows
+how many requests may still join. With none in flight upstream, waiting could
+only add latency (a lone request at concurrency 1 is scored immediately, not
+after the delay); the delay is spent only when there is someone to wait for.
 
 Requests are grouped by a *key* (the model and the shapes of its maps): only
 maps that the same detector scores and that can be concatenated share a batch.
@@ -19,7 +24,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -64,6 +70,18 @@ class MicroBatcher:
         # One thread: torch parallelizes inside a call; two concurrent calls would only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advsentry-score")
         self._closed = False
+        self._incoming = 0  # requests inside incoming(): may still join a batch
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Wrap a request's upstream call: while inside, the batcher may wait for it to join a batch."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()  # a waiting batch may now be complete
 
     async def score(self, key: Hashable, maps: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores ``[N]`` for one request's maps (each ``[N, ...]``), batched with concurrent calls."""
@@ -110,7 +128,7 @@ class MicroBatcher:
                 await self._wakeup.wait()
                 continue
             deadline = loop.time() + self.max_batch_delay
-            while not self._batch_is_full():
+            while self._incoming > 0 and not self._batch_is_full():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

@@ -315,7 +315,8 @@ class InferenceCore:
                         request.outputs.add().name = name
             t0 = time.perf_counter()
             try:
-                response = await self._call_upstream(request, upstream, metadata)
+                with self.batcher.incoming():  # lets the batcher wait for this request, and only while needed
+                    response = await self._call_upstream(request, upstream, metadata)
             finally:
                 upstream_s = time.perf_counter() - t0
             version = response.model_version or version

@@ -20,6 +20,69 @@ def test_entropy_kernel_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_proxy_overhead_benchmark_smoke(tmp_path):
+    """Real Triton (identity model) + `advsentry serve` child process + the load generator, a second per cell."""
+    from benchmarks.proxy_overhead import main
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "proxy_overhead_smoke.json").read_text())
+    identity = result["identity"]
+    assert "advsentry_score" in identity["annotation_example"]
+    assert {(r["concurrency"], r["mode"]) for r in identity["rows"]} == {
+        (c, m) for c in (1, 4) for m in ("unary", "streaming")}
+    for row in identity["rows"]:
+        assert row["direct"]["requests"] > 0 and row["sidecar"]["requests"] > 0
+        assert row["vs_direct"]["throughput_ratio"] > 0
+    assert len(result["load_average_start"]) == 3
+
+
+@pytest.mark.slow
+def test_detection_cost_benchmark_smoke(tmp_path):
+    from benchmarks.detection_cost import main
+    from detector import Detector
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "detection_cost_smoke.json").read_text())
+    assert list(result["detector"]["features"]) == list(Detector.default().feature_outputs)
+    for row in result["rows"]:
+        assert set(row["breakdown_ms_per_image"]) == {
+            "forward_autograd", "guided_backward", "gray", "entropy", "combine", "serialization"}
+        assert row["ratio_to_plain_forward"] > 0
+
+
+@pytest.mark.slow
+def test_sidecar_memory_benchmark_smoke(tmp_path):
+    from benchmarks.sidecar_memory import main
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "sidecar_memory_smoke.json").read_text())
+    assert result["requests"] > 0 and result["rss_start_mib"] > 0 and result["rss_end_mib"] > 0
+    assert len(result["samples"]) >= 2
+
+
+def test_load_generator_refuses_non_loopback_targets():
+    from benchmarks.loadgen import check_loopback
+
+    for target in ("127.0.0.1:8001", "localhost:8001", "[::1]:8001"):
+        check_loopback(target)
+    for target in ("10.0.0.1:8001", "example.com:8001", "0.0.0.0:8001"):
+        with pytest.raises(ValueError, match="loopback"):
+            check_loopback(target)
+
+
+def test_report_renders_every_goal_row_from_results(tmp_path):
+    """The README generator on the committed results (or none): five goal rows, never a crash."""
+    from benchmarks.common import RESULTS_DIR
+    from benchmarks.report import render
+
+    for results in (RESULTS_DIR, tmp_path):
+        text = render(results)
+        for goal in ("1. entropy kernel", "2. proxy overhead", "3. detection cost", "4. memory", "5. "):
+            assert f"| {goal}" in text
+    assert "not measured" in render(tmp_path)
+
+
+@pytest.mark.slow
 def test_detection_study_smoke(tmp_path):
     """The whole study pipeline on a handful of images: data, attacks, banks, selection, tables, figures."""
     from benchmarks.detection_study.__main__ import main

@@ -17,7 +17,8 @@ from detector.config import ConfigError
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("patch", "stride", "levels"),
-    [(3, 1, 256), (3, 2, 16), (2, 1, 4), (4, 3, 1000), (5, 1, 8), (3, 1, 65536)],
+    # 7 and 15: the prefix-sum window path, uint8 sums that wrap, several log2 groups per patch.
+    [(3, 1, 256), (3, 2, 16), (2, 1, 4), (4, 3, 1000), (5, 1, 8), (3, 1, 65536), (7, 2, 300), (15, 1, 3)],
 )
 def test_entropy_map_equals_reference(device, patch, stride, levels):
     rng = np.random.default_rng(patch * 100 + stride * 10 + levels)
@@ -81,6 +82,31 @@ def test_cost_is_independent_of_levels_and_values_only_matter_by_equality():
     a = local_entropy_map(torch.from_numpy(small).to(torch.uint8), ScoreConfig(levels=5))
     b = local_entropy_map(torch.from_numpy(relabel[small]).to(torch.int32), ScoreConfig(levels=65536))
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_batches_equal_one_image_at_a_time(device, monkeypatch):
+    """The CPU kernel works a few images at a time; chunk borders must not change any value."""
+    import detector.entropy as entropy_module
+
+    rng = np.random.default_rng(5)
+    maps = torch.from_numpy(rng.integers(0, 7, size=(7, 20, 24)).astype(np.uint8)).to(device)
+    one_by_one = torch.cat([local_entropy_map(maps[i : i + 1], ScoreConfig()) for i in range(7)])
+    means = torch.cat([average_local_spatial_entropy(maps[i : i + 1]) for i in range(7)])
+    monkeypatch.setattr(entropy_module, "CPU_CHUNK_PIXELS", 3 * 20 * 24)  # chunks of 3, 3, 1
+    torch.testing.assert_close(local_entropy_map(maps, ScoreConfig()), one_by_one, rtol=0, atol=0)
+    torch.testing.assert_close(average_local_spatial_entropy(maps), means, rtol=0, atol=0)
+
+
+def test_integer_maps_of_any_value_range_equal_reference():
+    """Values are only compared: int64 levels spanning more than 16 bits stay exact (no narrowing then)."""
+    rng = np.random.default_rng(9)
+    small = rng.integers(0, 4, size=(2, 12, 14))
+    for values in (np.array([0, 70_000, 5, 1_000_000_007]), np.array([-3, 65_532, 17, 40_000])):
+        levels = values[small]
+        ours = local_entropy_map(torch.from_numpy(levels), ScoreConfig(levels=65536)).numpy()
+        for image in range(2):
+            np.testing.assert_allclose(ours[image], reference_local_entropy(levels[image], 3, 1), atol=1e-5)
 
 
 def test_known_values():

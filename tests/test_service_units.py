@@ -67,6 +67,35 @@ def test_batches_are_bounded_by_size_and_delay_and_split_by_key():
     assert waited < 0.5  # a lone request waits about the delay, not forever
 
 
+def test_a_batch_waits_only_for_requests_still_on_their_way():
+    sizes: list[int] = []
+
+    def score(key, maps):
+        sizes.append(maps["m"].shape[0])
+        return np.zeros(maps["m"].shape[0])
+
+    async def main():
+        batcher = MicroBatcher(score, max_batch_size=8, max_batch_delay_ms=2000)
+        started = time.perf_counter()
+        await batcher.score(("k",), {"m": np.zeros((1, 1))})
+        lone = time.perf_counter() - started  # nothing upstream: scored at once, not after the delay
+
+        async def on_its_way():
+            with batcher.incoming():  # as InferenceCore wraps the upstream call
+                await asyncio.sleep(0.05)
+            return await batcher.score(("k",), {"m": np.zeros((1, 1))})
+
+        started = time.perf_counter()
+        await asyncio.gather(on_its_way(), batcher.score(("k",), {"m": np.zeros((1, 1))}))
+        pair = time.perf_counter() - started
+        await batcher.close()
+        return lone, pair
+
+    lone, pair = _run(main())
+    assert lone < 1.0 and pair < 1.0  # far below the 2 s delay
+    assert sizes == [1, 2]  # the second batch waited for the request that was on its way
+
+
 def test_scoring_errors_reach_every_waiter():
     def score(key, maps):
         raise RuntimeError("detector exploded")

@@ -1,0 +1,216 @@
+"""Proxy overhead: the sidecar (annotate mode) in front of a real Triton vs calling Triton directly.
+
+Two model set-ups, each on a real ``tritonserver`` (nvidia-pytriton's binary):
+
+- ``identity``: a trivial Python-backend model (``benchmarks.common.IDENTITY_MODEL_PY``)
+  whose ``logits`` are the first ten input values and whose feature map(s),
+  named as ``Detector.default()`` reads them, are the 3×16×16 input itself.
+  Triton costs almost nothing, so what the sidecar adds is visible.
+  Goal: added p50 ≤ 1 ms and throughput ≥ 90 % of direct.
+- ``efficientnet-lite0``: the bundled model as ``advsentry export-model`` writes it.
+  Two references: direct asking ``logits`` only (what a client pays without
+  advsentry: one forward pass) and direct asking ``logits`` + the feature maps
+  (what Triton itself must compute for detection: forward + guided backward),
+  so the proxy's own overhead and the whole price of protection are both shown.
+
+For each concurrency (1, 16, 64) and mode (unary, streaming), direct and
+sidecar runs alternate ``--repeats`` times (closed loop, ``benchmarks.loadgen``),
+each after a warm-up; medians and spreads of p50 latency and throughput are
+reported. The sidecar runs as a child process (``advsentry serve --upstream``)
+with the shipped default calibration, policy annotate.
+
+    python -m benchmarks.proxy_overhead            # full run, writes results/proxy_overhead.json
+    python -m benchmarks.proxy_overhead --smoke    # seconds; used by the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import RESULTS_DIR, SidecarProcess, load_average, summarize, write_identity_repository, write_result
+from benchmarks.loadgen import infer_request_bytes, run_load
+
+IDENTITY_SIZE = 16
+
+
+def _check_annotated(address: str, payload: bytes) -> dict[str, Any]:
+    """One call through the sidecar must come back annotated (a benchmark of a broken proxy is worthless)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        response = service_pb2.ModelInferResponse.FromString(call(payload, timeout=60))
+    parameters = {k: v.WhichOneof("parameter_choice") and getattr(v, v.WhichOneof("parameter_choice"))
+                  for k, v in response.parameters.items()}
+    if "advsentry_score" not in parameters:
+        raise AssertionError(f"sidecar response is not annotated: {parameters}")
+    if [o.name for o in response.outputs] != ["logits"]:
+        raise AssertionError(f"sidecar did not strip the feature maps: {[o.name for o in response.outputs]}")
+    return parameters
+
+
+class _Stack:
+    """Triton + sidecar child processes that can be restarted.
+
+    Why: Triton 2.51's Python backend (nvidia-pytriton 0.7.0) occasionally
+    segfaults under sustained streaming load on this machine, also when called
+    directly with no advsentry in the path. A run that hits a dead Triton is
+    discarded, both processes are restarted and the run is repeated; the
+    restarts are counted in the results.
+    """
+
+    def __init__(self, repository: Path, sidecar_args: tuple[str, ...]) -> None:
+        self.repository = repository
+        self.sidecar_args = sidecar_args
+        self.restarts = 0
+        self.triton: Any = None
+        self.sidecar: Any = None
+
+    def start(self) -> "_Stack":
+        from service.triton.server import TritonServer
+
+        self.triton = TritonServer(self.repository).start()
+        self.sidecar = SidecarProcess(self.triton.grpc_address, args=self.sidecar_args).__enter__()
+        return self
+
+    def stop(self) -> None:
+        if self.sidecar is not None:
+            self.sidecar.__exit__()
+        if self.triton is not None:
+            self.triton.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        self.start()
+
+    def address(self, name: str) -> str:
+        return self.sidecar.address if name == "sidecar" else self.triton.grpc_address
+
+
+def _measure(stack: _Stack, targets: dict[str, bytes], concurrencies: list[int], modes: list[bool], *, repeats: int,
+             duration_s: float, warmup_s: float, max_requests: int) -> list[dict[str, Any]]:
+    """``targets``: name ("sidecar" or a direct reference) → request payload."""
+    rows = []
+    for concurrency in concurrencies:
+        for streaming in modes:
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for _ in range(repeats):
+                for name, payload in targets.items():  # interleaved: drift hits all alike
+                    for attempt in range(3):
+                        result = asyncio.run(run_load(stack.address(name), payload, concurrency=concurrency,
+                                                      duration_s=duration_s, warmup_s=warmup_s,
+                                                      max_requests=max_requests, streaming=streaming))
+                        if not result.errors:
+                            break
+                        if stack.triton.is_alive() or attempt == 2:
+                            raise AssertionError(f"{name} c={concurrency}: {result.errors} errors, "
+                                                 f"e.g. {result.first_error}")
+                        print(f"Triton died during {name} c={concurrency}; restarting", flush=True)
+                        stack.restart()
+                    runs[name].append(result.summary())
+            row: dict[str, Any] = {"concurrency": concurrency, "mode": "streaming" if streaming else "unary"}
+            for name, results in runs.items():
+                row[name] = {
+                    "p50_ms": summarize([r["p50_ms"] for r in results]),
+                    "p99_ms": summarize([r["p99_ms"] for r in results]),
+                    "throughput_rps": summarize([r["throughput_rps"] for r in results]),
+                    "requests": sum(r["requests"] for r in results),
+                }
+            rows.append(row)
+            print(f"c={concurrency:3d} {row['mode']:9s} " + "  ".join(
+                f"{n}: p50 {row[n]['p50_ms']['median']:.2f} ms, {row[n]['throughput_rps']['median']:.0f} rps"
+                for n in targets), flush=True)
+    return rows
+
+
+def _compare(rows: list[dict[str, Any]], reference: str, sidecar: str = "sidecar") -> None:
+    for row in rows:
+        ref, via = row[reference], row[sidecar]
+        row[f"vs_{reference}"] = {
+            "added_p50_ms": via["p50_ms"]["median"] - ref["p50_ms"]["median"],
+            "throughput_ratio": via["throughput_rps"]["median"] / ref["throughput_rps"]["median"],
+        }
+
+
+def run_identity(concurrencies: list[int], repeats: int, duration_s: float, warmup_s: float,
+                 sidecar_args: tuple[str, ...]) -> dict[str, Any]:
+    from detector import Detector
+    feature_outputs = Detector.default().feature_outputs
+    pixels = np.random.default_rng(0).random((1, 3, IDENTITY_SIZE, IDENTITY_SIZE), dtype=np.float32)
+    payload = infer_request_bytes("identity", {"pixels": pixels}, ("logits",))
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = _Stack(write_identity_repository(Path(tmp), feature_outputs, size=IDENTITY_SIZE), sidecar_args).start()
+        try:
+            annotation = _check_annotated(stack.address("sidecar"), payload)
+            rows = _measure(stack, {"direct": payload, "sidecar": payload}, concurrencies, [False, True],
+                            repeats=repeats, duration_s=duration_s, warmup_s=warmup_s, max_requests=1_000_000)
+        finally:
+            stack.stop()
+    _compare(rows, "direct")
+    return {"model": "identity", "input_shape": list(pixels.shape), "feature_outputs": list(feature_outputs),
+            "annotation_example": annotation, "triton_restarts": stack.restarts, "rows": rows}
+
+
+def run_efficientnet(concurrencies: list[int], repeats: int, duration_s: float, warmup_s: float,
+                     sidecar_args: tuple[str, ...]) -> dict[str, Any]:
+    from detector import Detector
+    from detector.samples import full_photo_samples, to_tensor
+    from service.triton.export import export_model_repository
+
+    feature_outputs = Detector.default().feature_outputs
+    pixels = to_tensor([full_photo_samples()[1].pixels()]).numpy()
+    logits_only = infer_request_bytes("efficientnet-lite0", {"pixels": pixels}, ("logits",))
+    with_maps = infer_request_bytes("efficientnet-lite0", {"pixels": pixels}, ("logits", *feature_outputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model_repository(Path(tmp))
+        stack = _Stack(Path(tmp), sidecar_args).start()
+        try:
+            annotation = _check_annotated(stack.address("sidecar"), logits_only)
+            targets = {"direct_logits": logits_only, "direct_with_maps": with_maps, "sidecar": logits_only}
+            rows = _measure(stack, targets, concurrencies, [False, True], repeats=repeats, duration_s=duration_s,
+                            warmup_s=warmup_s, max_requests=100_000)
+        finally:
+            stack.stop()
+    _compare(rows, "direct_logits")
+    _compare(rows, "direct_with_maps")
+    return {"model": "efficientnet-lite0", "input_shape": list(pixels.shape), "feature_outputs": list(feature_outputs),
+            "annotation_example": annotation, "triton_restarts": stack.restarts, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="seconds: concurrency 1 and 4, one short repetition")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per identity-model run")
+    parser.add_argument("--efficientnet-duration", type=float, default=10.0)
+    parser.add_argument("--skip-efficientnet", action="store_true")
+    parser.add_argument("--sidecar-arg", action="append", default=[], help="extra `advsentry serve` argument")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    from detector.detector import DEFAULT_ARTIFACT_PATH
+
+    sidecar_args = ("--policy", "annotate", "--calibration", str(DEFAULT_ARTIFACT_PATH), *args.sidecar_arg)
+    start_load = load_average()
+    if args.smoke:
+        identity = run_identity([1, 4], 1, 0.5, 0.2, sidecar_args)
+        payload: dict[str, Any] = {"smoke": True, "load_average_start": start_load, "identity": identity}
+        path = write_result("proxy_overhead_smoke", payload, args.results_dir)
+    else:
+        payload = {"smoke": False, "load_average_start": start_load,
+                   "identity": run_identity([1, 16, 64], args.repeats, args.duration, 1.0, sidecar_args)}
+        if not args.skip_efficientnet:
+            payload["efficientnet"] = run_efficientnet([1, 16, 64], 1, args.efficientnet_duration, 3.0, sidecar_args)
+        path = write_result("proxy_overhead", payload, args.results_dir)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
