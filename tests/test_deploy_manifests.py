@@ -352,7 +352,7 @@ def test_calibration_is_an_indexed_job_followed_by_merge(rendered):
 
 def test_calibration_job_flags_exist_in_the_calibrate_cli(rendered):
     """The Jobs call the real CLI: every flag they pass is an option of that subcommand."""
-    calibrate = pytest.importorskip("service.commands.calibrate")
+    from service.commands import calibrate
     import typer.main
 
     group = typer.main.get_command(calibrate.calibrate_app)
