@@ -156,14 +156,14 @@ class Detector:
         """Scores ``[B]`` from precomputed feature maps (the sidecar's path)."""
         return self.combiner.combine(self.entropies(maps))
 
-    def map_entropies_and_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps, logits = extract_maps(self._model(), pixels.to(self.device), self.features)
-        return self.entropies(maps), logits
+    def maps_and_logits(self, pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """This detector's feature maps of a batch of pixels, and the logits of the same forward pass."""
+        return extract_maps(self._model(), pixels.to(self.device), self.features)
 
     def score(self, pixels: torch.Tensor) -> torch.Tensor:
         """Scores ``[B]`` for a batch of ``[0, 1]`` RGB pixels ``[B, 3, H, W]``."""
-        entropies, _ = self.map_entropies_and_logits(pixels)
-        return self.combiner.combine(entropies)
+        maps, _ = self.maps_and_logits(pixels)
+        return self.score_maps(maps)
 
     def verdict(self, scores: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """``True`` where a score is above the threshold (adversarial)."""

@@ -264,7 +264,7 @@ def guided_responses(
         raise ValueError("no seed layer given")
     x = pixels.detach().clone().requires_grad_(True)
     recorder = _LayerRecorder(model, [] if top_logit else list(seeds))
-    mode: TorchFunctionMode = _GuidedMode(recorder) if guided else _RecorderMode(recorder)
+    mode: _GuidedMode | _RecorderMode = _GuidedMode(recorder) if guided else _RecorderMode(recorder)
     responses: dict[str | None, torch.Tensor] = {}
     names: dict[str | None, str] = {}
     try:
@@ -273,7 +273,7 @@ def guided_responses(
                 logits = model(x)
             if not isinstance(logits, torch.Tensor):
                 raise UnsupportedModelError(f"model returned {type(logits).__name__}, expected a logits tensor")
-            intercepted = getattr(mode, "intercepted", 0)
+            intercepted = mode.intercepted
             if guided and intercepted == 0:
                 raise UnsupportedModelError(
                     "no activation call was intercepted (activations written as raw tensor "

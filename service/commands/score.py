@@ -67,9 +67,8 @@ def score(
         chunk = named[start : start + batch_size]
         pixels = to_tensor([array for _, array in chunk])  # type: ignore[misc]
         began = time.perf_counter()
-        maps, logits = detector_maps(detector, pixels)
-        entropies = detector.entropies(maps)
-        scores = detector.combiner.combine(entropies)
+        maps, logits = detector.maps_and_logits(pixels)
+        scores = detector.score_maps(maps)
         elapsed_ms = (time.perf_counter() - began) * 1000.0 / len(chunk)
         probabilities = torch.softmax(logits, dim=1)
         top_p, top_i = probabilities.max(dim=1)
@@ -100,13 +99,6 @@ def score(
                     f"score={record['score']:.4f}  verdict={verdict}  {record['time_ms']:.0f} ms"
                 )
     sys.stdout.flush()
-
-
-def detector_maps(detector, pixels):  # type: ignore[no-untyped-def]
-    """Maps and logits of a batch, through the detector's own feature extraction."""
-    from detector.features import extract_maps
-
-    return extract_maps(detector._model(), pixels.to(detector.device), detector.features)
 
 
 def register(app: typer.Typer) -> None:
