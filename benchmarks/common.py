@@ -95,29 +95,38 @@ def summarize(samples: list[float]) -> dict[str, float]:
 IDENTITY_MODEL_PY = '''"""advsentry benchmark model: identity-like, so that the proxy's own cost dominates.
 
 Input ``pixels`` FP32 [B, 3, S, S]. Outputs: ``logits`` FP32 [B, 10] = the first
-ten input values of each item; every other configured output (the detector's
-feature maps) = a copy of the input, unchanged. Only requested outputs are built.
+ten input values of each item; ``advsentry_entropy_*`` FP32 [B, F] (the
+per-map entropies an exported model computes in Triton) = the first F input
+values; every other configured output (the detector's feature maps) = a copy of
+the input, unchanged. Only requested outputs are built.
 """
 
 import json
 
 import triton_python_backend_utils as pb_utils
 
+ENTROPY_PREFIX = "advsentry_entropy_"
+
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.maps = [o["name"] for o in config["output"] if o["name"] != "logits"]
+        names = [o["name"] for o in config["output"] if o["name"] != "logits"]
+        self.entropy = {o["name"]: int(o["dims"][0]) for o in config["output"] if o["name"].startswith(ENTROPY_PREFIX)}
+        self.maps = [n for n in names if n not in self.entropy]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             pixels = pb_utils.get_input_tensor_by_name(request, "pixels").as_numpy()
-            names = request.requested_output_names() or ["logits", *self.maps]
+            flat = pixels.reshape(pixels.shape[0], -1)
+            names = request.requested_output_names() or ["logits", *self.maps, *self.entropy]
             tensors = []
             for name in names:
                 if name == "logits":
-                    tensors.append(pb_utils.Tensor("logits", pixels.reshape(pixels.shape[0], -1)[:, :10].copy()))
+                    tensors.append(pb_utils.Tensor("logits", flat[:, :10].copy()))
+                elif name in self.entropy:
+                    tensors.append(pb_utils.Tensor(name, flat[:, : self.entropy[name]].copy()))
                 elif name in self.maps:
                     tensors.append(pb_utils.Tensor(name, pixels.copy()))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
@@ -126,12 +135,15 @@ class TritonPythonModel:
 
 
 def write_identity_repository(out: Path, feature_outputs: tuple[str, ...], *, name: str = "identity",
-                              size: int = 16, max_batch_size: int = 16) -> Path:
+                              size: int = 16, max_batch_size: int = 16, entropy_output: str | None = None) -> Path:
     """A Triton model repository holding the identity-like Python-backend model above.
 
     It returns ``logits`` [10] and, for each of ``feature_outputs`` (the default
     detector's map names), the 3×size×size input as the "feature map", so the
-    sidecar scores a real, cheap map with the product's detector.
+    sidecar scores a real, cheap map with the product's detector. With
+    ``entropy_output`` (the default detector's ``entropy_output``), it also
+    serves that output as an exported model does, so the sidecar takes the
+    in-Triton path (entropies in, no tensor code in the proxy).
     ``max_batch_size`` 16: with 64, Triton 2.51's Python backend (nvidia-pytriton
     0.7.0) segfaults in ``TRITONBACKEND_ModelInstanceExecute`` under 64 concurrent
     streams (reproduced calling Triton directly, no advsentry involved).
@@ -141,6 +153,8 @@ def write_identity_repository(out: Path, feature_outputs: tuple[str, ...], *, na
     (model_dir / "1" / "model.py").write_text(IDENTITY_MODEL_PY)
     outputs = ['  { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }']
     outputs += [f'  {{ name: "{o}" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }}' for o in feature_outputs]
+    if entropy_output:
+        outputs.append(f'  {{ name: "{entropy_output}" data_type: TYPE_FP32 dims: [ {len(feature_outputs)} ] }}')
     (model_dir / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
         f'input [\n  {{ name: "pixels" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }}\n]\n'

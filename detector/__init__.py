@@ -8,7 +8,16 @@ Public API::
 from .calibration import CalibrationArtifact, CalibrationError
 from .combiner import LogisticCombiner, SingleMap
 from .config import NAMED_CONFIGS, PAPER_CONFIG, ConfigError, ScoreConfig
-from .detector import DEFAULT_ARTIFACT_PATH, DEFAULT_COMBINER, DEFAULT_FEATURES, FEATURE_RESPONSE, GENERIC_FEATURES, Detector
+from .detector import (
+    DEFAULT_ARTIFACT_PATH,
+    DEFAULT_COMBINER,
+    DEFAULT_FEATURES,
+    FEATURE_RESPONSE,
+    GENERIC_FEATURES,
+    Detector,
+    entropy_output_name,
+    map_entropies,
+)
 from .entropy import average_local_spatial_entropy, gray_levels, local_entropy_map
 from .guided import FeatureResponse, UnsupportedModelError, guided_backprop, guided_feature_response, guided_responses
 from .models import ModelIdentity
@@ -32,6 +41,8 @@ __all__ = [
     "SingleMap",
     "UnsupportedModelError",
     "average_local_spatial_entropy",
+    "entropy_output_name",
+    "map_entropies",
     "gray_levels",
     "guided_backprop",
     "guided_feature_response",

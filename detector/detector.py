@@ -10,9 +10,12 @@ model itself (Triton returns the maps as extra outputs) and calls
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +43,40 @@ DEFAULT_COMBINER: Combiner = DEFAULT_ARTIFACT.combiner
 #: named layers of EfficientNet-Lite0, so it cannot serve a user's own model;
 #: users calibrate their own (``advsentry calibrate``) starting from this one.
 GENERIC_FEATURES: dict[str, ScoreConfig] = {FEATURE_RESPONSE: PAPER_CONFIG}
+
+
+#: Prefix of the Triton output that carries per-map entropies computed inside Triton.
+ENTROPY_OUTPUT_PREFIX = "advsentry_entropy_"
+
+
+def entropy_output_name(configs: Iterable[ScoreConfig]) -> str:
+    """The Triton output name of the per-map entropies ``[B, F]`` for these map configs, in this order.
+
+    Why a hash in the name: a model exported for one set of maps must never be
+    combined with a calibration fitted on another. The sidecar uses the model's
+    entropies only when the name it derives from its calibration is among the
+    model's outputs; any difference (a layer, a gray-scale mode, the order)
+    changes the name and the sidecar falls back to fetching the maps.
+    """
+    document = json.dumps([config.to_dict() for config in configs], sort_keys=True, separators=(",", ":"))
+    return ENTROPY_OUTPUT_PREFIX + hashlib.sha256(document.encode()).hexdigest()[:16]
+
+
+def map_entropies(maps: Mapping[str, torch.Tensor], features: Mapping[str, ScoreConfig],
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-map average local spatial entropy, ``[B, F]`` in ``features`` order.
+
+    Shared by :meth:`Detector.entropies` (sidecar, offline tools) and the
+    exported Triton model, so both compute exactly the same numbers.
+    """
+    missing = [name for name in features if name not in maps]
+    if missing:
+        raise KeyError(f"missing feature map(s): {', '.join(missing)}")
+    columns = [
+        average_local_spatial_entropy(maps[name] if device is None else maps[name].to(device), config)
+        for name, config in features.items()
+    ]
+    return torch.stack(columns, dim=1)
 
 
 class Detector:
@@ -71,6 +108,8 @@ class Detector:
         self.model = model.to(self.device) if model is not None else None
         self.model_identity = model_identity
         self.calibration: CalibrationArtifact | None = None
+        # Read on every request by the sidecar: hashed once here (the maps never change after init).
+        self._entropy_output = entropy_output_name(self.features.values())
 
     @classmethod
     def default(cls, device: str | torch.device = "cpu", *, load_model: bool = False) -> "Detector":
@@ -143,14 +182,16 @@ class Detector:
 
     def entropies(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-map average local spatial entropy, ``[B, F]`` in ``feature_outputs`` order."""
-        missing = [name for name in self.features if name not in maps]
-        if missing:
-            raise KeyError(f"missing feature map(s): {', '.join(missing)}")
-        columns = [
-            average_local_spatial_entropy(maps[name].to(self.device), config)
-            for name, config in self.features.items()
-        ]
-        return torch.stack(columns, dim=1)
+        return map_entropies(maps, self.features, self.device)
+
+    @property
+    def entropy_output(self) -> str:
+        """The Triton output a model exported for this detector's maps computes the entropies in."""
+        return self._entropy_output
+
+    def score_entropies(self, entropies: np.ndarray) -> np.ndarray:
+        """Scores ``[B]`` (float64) from per-map entropies ``[B, F]`` computed elsewhere (inside Triton)."""
+        return self.combiner.combine_array(np.asarray(entropies))
 
     def score_maps(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Scores ``[B]`` from precomputed feature maps (the sidecar's path)."""

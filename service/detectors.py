@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from detector import GENERIC_FEATURES, CalibrationError, Detector, ModelIdentity
+from detector import GENERIC_FEATURES, CalibrationError, Detector, ModelIdentity, entropy_output_name
 
 from .metrics import SidecarMetrics
 
 LOGGER = logging.getLogger(__name__)
+_GENERIC_ENTROPY_OUTPUT = entropy_output_name(GENERIC_FEATURES.values())
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,20 @@ class ModelDetector:
         with torch.no_grad():
             scores = self.detector.score_maps(tensors)
         return scores.detach().to("cpu").double().numpy()
+
+    @property
+    def entropy_output(self) -> str:
+        """The model output that carries this detector's entropies when Triton computes them."""
+        return self.detector.entropy_output
+
+    def score_entropies(self, entropies: np.ndarray) -> np.ndarray:
+        """Scores ``[N]`` from the model's entropy output ``[N, F]`` (microseconds; runs inline)."""
+        if entropies.ndim != 2 or entropies.shape[1] != len(self.output_to_map):
+            raise ValueError(
+                f"entropy output {self.entropy_output!r} has shape {list(entropies.shape)}, "
+                f"expected [batch, {len(self.output_to_map)}]"
+            )
+        return self.detector.score_entropies(entropies)
 
     def verdicts(self, scores: np.ndarray) -> np.ndarray | None:
         """``True`` = adversarial; ``None`` when no threshold is in force."""
@@ -127,9 +142,16 @@ class DetectorRegistry:
     def default_feature_outputs(self) -> tuple[str, ...]:
         return self._template.feature_outputs
 
+    def default_entropy_output(self) -> str:
+        return self._template.entropy_output
+
     @staticmethod
     def generic_feature_outputs() -> tuple[str, ...]:
         return tuple(GENERIC_FEATURES)
+
+    @staticmethod
+    def generic_entropy_output() -> str:
+        return _GENERIC_ENTROPY_OUTPUT
 
     def get(self, model: str, *, generic: bool = False) -> ModelDetector:
         """The model's detector (built on first use). Raises ``CalibrationError`` for a bad artifact.

@@ -9,11 +9,12 @@ and the library interceptor share every rule:
 2. validate the request against the model's metadata (inputs, datatypes,
    shapes, raw byte sizes, NaN/Inf) so bad input gets a precise
    INVALID_ARGUMENT instead of a model error;
-3. add the feature-response outputs to the requested outputs (in place; raw
-   input bytes are never decoded or re-encoded);
+3. add the detector's outputs to the requested outputs (in place; raw input
+   bytes are never decoded or re-encoded): the per-map entropies when Triton
+   computes them (``advsentry export-model`` models), else the feature maps;
 4. call upstream, map its errors to statuses with a message naming the cause;
-5. score the returned maps through the micro-batcher (zero-copy views of the
-   raw output bytes);
+5. score: entropies through the combiner inline (a few floats), or maps
+   through the micro-batcher (zero-copy views of the raw output bytes);
 6. apply the policy and strip outputs the client did not ask for.
 """
 
@@ -36,7 +37,7 @@ from .batching import MicroBatcher
 from .detectors import DetectorRegistry, ModelDetector
 from .metrics import SidecarMetrics
 from .policy import PARAM_ERROR, Assessment, PolicyRejection, apply_policy
-from .settings import Policy, ScoringFailure, Settings
+from .settings import EntropyIn, Policy, ScoringFailure, Settings
 from .tracing import extract_parent, get_tracer, inject_metadata
 
 LOGGER = logging.getLogger(__name__)
@@ -179,11 +180,15 @@ def validate_request(request, spec: ModelSpec | None) -> int:
                 )
         if dtype is not None and dtype.kind == "f":
             values = _input_array(request, index, tensor)
-            if values is not None and values.size and not np.isfinite(values).all():
+            # One float64 sum propagates any NaN/Inf and cannot overflow for float16/32 inputs,
+            # so the clean case costs one reduction; the exact count (which also rules out a
+            # finite FP64 sum that overflowed) is taken only when the sum is not finite.
+            if values is not None and values.size and not math.isfinite(values.sum(dtype=np.float64)):
                 bad = int(values.size - np.isfinite(values).sum())
-                raise RequestError(
-                    invalid, f"input {tensor.name!r}: {bad} value(s) are NaN or infinite; inputs must be finite"
-                )
+                if bad:
+                    raise RequestError(
+                        invalid, f"input {tensor.name!r}: {bad} value(s) are NaN or infinite; inputs must be finite"
+                    )
     return batch
 
 
@@ -212,6 +217,32 @@ def strip_outputs(response, names: set[str]) -> None:
                 del response.raw_output_contents[index]
 
 
+def _add_detector_outputs(request, spec: ModelSpec | None, detector: ModelDetector,
+                          needed: Sequence[str]) -> set[str]:
+    """Ask upstream for ``needed`` (in place); returns the outputs to strip from the answer.
+
+    A request naming no outputs means "all outputs" to Triton. The sidecar
+    then names the model's own outputs explicitly, so Triton does not serialize
+    detector outputs nobody reads (five maps when the entropies suffice), and
+    the client still gets exactly the model's outputs without the detector's.
+    """
+    ours = {*detector.feature_outputs, detector.entropy_output}
+    if request.outputs:
+        requested = {o.name for o in request.outputs}
+        for name in needed:
+            if name not in requested:
+                request.outputs.add().name = name
+        return set(needed) - requested
+    if spec is None:  # outputs unknown: Triton sends everything, the detector's are removed
+        return ours
+    for name in spec.outputs:
+        if name not in ours:
+            request.outputs.add().name = name
+    for name in needed:
+        request.outputs.add().name = name
+    return set(needed)
+
+
 def _upstream_error(error: grpc.aio.AioRpcError, upstream: str, timeout: float | None) -> RequestError:
     code = error.code()
     details = error.details() or ""
@@ -227,6 +258,8 @@ def _upstream_error(error: grpc.aio.AioRpcError, upstream: str, timeout: float |
 class Protection:
     detector: ModelDetector
     policy: Policy
+    #: set when Triton computes the entropies (one small output instead of the maps)
+    entropy_output: str | None = None
 
 
 @dataclass
@@ -251,21 +284,31 @@ class InferenceCore:
             return None, None
         spec = await self.metadata_lookup(model, version)
         outputs = set(spec.outputs) if spec is not None else set()
+        serves_default = (set(self.registry.default_feature_outputs()) <= outputs
+                          or self.registry.default_entropy_output() in outputs)
         # Models that expose the generic map but not the default's are scored by the
         # model-agnostic detector (a user's own model before it has a calibration).
-        generic = spec is not None and not set(self.registry.default_feature_outputs()) <= outputs and set(
-            self.registry.generic_feature_outputs()
-        ) <= outputs
+        generic = spec is not None and not serves_default and (
+            set(self.registry.generic_feature_outputs()) <= outputs
+            or self.registry.generic_entropy_output() in outputs
+        )
         if explicit is None:
             if spec is None:
                 return None, None
-            if not generic and not set(self.registry.default_feature_outputs()) <= outputs:
+            if not generic and not serves_default:
                 return None, spec
         try:
             detector = self.registry.get(model, generic=generic)
         except CalibrationError as error:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"model {model!r}: {error}") from error
-        return Protection(detector, self.settings.policy_for(model)), spec
+        # The model's own entropies are used only under the name derived from this
+        # detector's map configs, so a model exported for other maps falls back to maps.
+        entropy_output = None
+        if detector.entropy_output in outputs and (
+            self.settings.entropy_in is EntropyIn.auto or not set(detector.feature_outputs) <= outputs
+        ):
+            entropy_output = detector.entropy_output
+        return Protection(detector, self.settings.policy_for(model), entropy_output), spec
 
     async def infer(self, request, upstream: UpstreamCall, metadata: Sequence[tuple[str, str | bytes]] = ()):
         """Serve one ModelInfer request (mutated in place). Raises :class:`RequestError`."""
@@ -302,21 +345,22 @@ class InferenceCore:
             return await self._call_upstream(request, upstream, metadata)
         span.set_attribute("advsentry.protected", True)
         span.set_attribute("advsentry.policy", protection.policy.value)
+        span.set_attribute("advsentry.entropy_in", "triton" if protection.entropy_output else "sidecar")
         labels = (model, version)
         self.metrics.in_flight.labels(*labels).inc()
         upstream_s = scoring_s = 0.0
         try:
             validate_request(request, spec)
-            requested = {o.name for o in request.outputs}
-            feature_outputs = protection.detector.feature_outputs
-            if request.outputs:
-                for name in feature_outputs:
-                    if name not in requested:
-                        request.outputs.add().name = name
+            entropy_output = protection.entropy_output
+            feature_outputs = (entropy_output,) if entropy_output else protection.detector.feature_outputs
+            hidden = _add_detector_outputs(request, spec, protection.detector, feature_outputs)
             t0 = time.perf_counter()
             try:
-                with self.batcher.incoming():  # lets the batcher wait for this request, and only while needed
+                if entropy_output:  # scored inline: nothing for the batcher to wait for
                     response = await self._call_upstream(request, upstream, metadata)
+                else:
+                    with self.batcher.incoming():  # lets the batcher wait for this request, and only while needed
+                        response = await self._call_upstream(request, upstream, metadata)
             finally:
                 upstream_s = time.perf_counter() - t0
             version = response.model_version or version
@@ -326,9 +370,12 @@ class InferenceCore:
             assessment: Assessment | None = None
             with self._tracer.start_as_current_span("advsentry.score") as score_span:
                 try:
-                    maps = {name: output_array(response, name) for name in feature_outputs}
-                    key = (model, tuple((name, maps[name].shape[1:]) for name in feature_outputs))
-                    scores = await self.batcher.score(key, maps)
+                    if entropy_output:
+                        scores = protection.detector.score_entropies(output_array(response, entropy_output))
+                    else:
+                        maps = {name: output_array(response, name) for name in feature_outputs}
+                        key = (model, tuple((name, maps[name].shape[1:]) for name in feature_outputs))
+                        scores = await self.batcher.score(key, maps)
                     assessment = Assessment(scores, protection.detector.threshold, protection.detector.calibration_id)
                     score_span.set_attribute("advsentry.score", assessment.max_score)
                     score_span.set_attribute("advsentry.adversarial", assessment.adversarial)
@@ -343,7 +390,7 @@ class InferenceCore:
                 finally:
                     scoring_s = time.perf_counter() - t1
                     self.metrics.scoring_latency.labels(*labels).observe(scoring_s)
-            strip_outputs(response, set(feature_outputs) - requested if request.outputs else set(feature_outputs))
+            strip_outputs(response, hidden)
             if assessment is None:
                 if self.settings.scoring_failure is ScoringFailure.closed:
                     self.metrics.requests.labels(model, version, "unscored", "failed", protection.policy.value).inc()

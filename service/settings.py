@@ -40,6 +40,21 @@ class ScoringFailure(str, Enum):
     closed = "closed"
 
 
+class EntropyIn(str, Enum):
+    """Where the per-map entropies of a protected model are computed.
+
+    ``auto``: inside Triton when the model serves the entropy output that
+    matches the detector's calibration (``advsentry export-model`` models do);
+    the sidecar then only combines a few floats per image, with no tensor code
+    or micro-batching on the request path. Otherwise in the sidecar, from the
+    maps. ``sidecar``: always fetch the maps and compute here (e.g. to use a
+    GPU on the sidecar's side).
+    """
+
+    auto = "auto"
+    sidecar = "sidecar"
+
+
 class ModelProtection(BaseModel):
     """Per-model configuration: which outputs carry the feature maps, which policy and calibration."""
 
@@ -80,6 +95,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, description="Most images scored in one detector call.")
     max_batch_delay_ms: float = Field(
         default=2.0, ge=0, description="Longest wait for more requests before a partial batch is scored."
+    )
+    entropy_in: EntropyIn = Field(
+        default=EntropyIn.auto,
+        description="auto (in Triton when the model serves the matching entropy output) | sidecar (always here).",
     )
     device: str = Field(default="cpu", description="torch device for scoring (cpu, cuda, cuda:1).")
     upstream_timeout_s: float = Field(default=30.0, gt=0, description="Deadline for one upstream call.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,9 +164,37 @@ def test_default_detector_on_the_bundled_model(photo_batch, tmp_path):
     entropies = detector.entropies(detector.feature_model()(photo_batch))
     assert ((entropies > 0) & (entropies < 3.17)).all()  # 0 < entropy < log2(9) bits per map
     torch.testing.assert_close(detector.combiner.combine(entropies), scores)
+    # The sidecar's path when Triton computed the entropies: NumPy combiner, same scores.
+    np.testing.assert_allclose(detector.score_entropies(entropies.numpy()), scores.numpy(), rtol=1e-5, atol=1e-5)
     assert detector.verdict(scores).tolist() == (scores > detector.threshold).tolist()
     threshold = float(scores.median())
     artifact = CalibrationArtifact.create(threshold, detector.features, bundled_identity(), combiner=detector.combiner)
     artifact.save(tmp_path / "median.json")
     detector.load_calibration(tmp_path / "median.json")
     assert detector.verdict(scores).tolist() == (scores > threshold).tolist()
+
+
+def test_entropy_output_name_pins_the_maps_their_configs_and_order():
+    """The name is how the sidecar knows a model's in-Triton entropies fit its calibration."""
+    from detector import DEFAULT_FEATURES, entropy_output_name
+
+    configs = list(DEFAULT_FEATURES.values())
+    name = entropy_output_name(configs)
+    assert name.startswith("advsentry_entropy_") and name == Detector.default().entropy_output
+    assert name == entropy_output_name([ScoreConfig.from_dict(c.to_dict()) for c in configs])  # stable
+    assert entropy_output_name(configs[::-1]) != name  # column order matters
+    assert entropy_output_name([configs[0].replace(levels=configs[0].levels * 2), *configs[1:]]) != name
+    assert entropy_output_name(configs[:-1]) != name
+
+
+def test_numpy_combiners_equal_the_torch_ones():
+    from detector.combiner import LogisticCombiner, SingleMap
+
+    entropies = torch.rand(7, 3, dtype=torch.float64) * 3
+    logistic = LogisticCombiner(weights=(0.5, -1.25, 2.0), bias=-0.3, mean=(1.0, 1.5, 2.0), scale=(0.2, 0.5, 1.5))
+    np.testing.assert_allclose(logistic.combine_array(entropies.numpy()), logistic.combine(entropies).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(SingleMap().combine_array(entropies[:, :1].numpy()), entropies[:, 0].numpy())
+    with pytest.raises(ValueError, match="expects"):
+        logistic.combine_array(entropies[:, :2].numpy())
+    with pytest.raises(ValueError, match="exactly one"):
+        SingleMap().combine_array(entropies.numpy())

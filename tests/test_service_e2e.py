@@ -422,13 +422,55 @@ def test_metrics_scrape_counts_traffic_and_batches_concurrent_requests(sidecar):
     assert delta("advsentry_upstream_latency_seconds_count") == 8
     assert delta("advsentry_scoring_latency_seconds_count") == 8
     assert delta("advsentry_proxy_overhead_seconds_count") == 8
-    batched = _counter(after, "advsentry_batch_size_sum", model=MODEL) - _counter(before, "advsentry_batch_size_sum", model=MODEL)
-    calls = _counter(after, "advsentry_batch_size_count", model=MODEL) - _counter(before, "advsentry_batch_size_count", model=MODEL)
-    assert batched == 8 and 1 <= calls <= 8
+    # The exported model computes the entropies in Triton: nothing goes through the micro-batcher.
+    assert _counter(after, "advsentry_batch_size_count", model=MODEL) == _counter(before, "advsentry_batch_size_count", model=MODEL)
     assert "advsentry_in_flight_requests{" in after
     assert _counter(after, "advsentry_in_flight_requests", model=MODEL) == 0
     assert "advsentry_calibration_info{" in after and "advsentry_threshold{" in after
     assert _counter(after, "advsentry_upstream_ready") == 1
+
+
+def test_entropies_computed_in_triton_equal_the_sidecars_own(sidecar, triton, photos):
+    """Exported models serve the per-map entropies; the sidecar reads those instead of the maps.
+
+    Same numbers both ways: Triton's entropy output equals ``Detector.entropies``
+    of the maps in the same answer, and a sidecar forced to fetch the maps
+    (``entropy_in=sidecar``, micro-batched) gives the same scores as the
+    default one that reads the entropies.
+    """
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    from detector import Detector
+
+    detector = Detector.default()
+    clean, adversarial = photos
+    direct = grpcclient.InferenceServerClient(triton.grpc_address)
+    answer = direct.infer(MODEL, [infer_input(np.concatenate([clean, adversarial]))],
+                          outputs=outputs(*detector.feature_outputs, detector.entropy_output))
+    in_triton = answer.as_numpy(detector.entropy_output)
+    assert in_triton.shape == (2, len(detector.feature_outputs))
+    maps = {name: torch.from_numpy(answer.as_numpy(name).copy()) for name in detector.feature_outputs}
+    np.testing.assert_allclose(in_triton, detector.entropies(maps).numpy(), rtol=1e-6, atol=1e-6)
+
+    maps_sidecar = _sidecar_with(triton, entropy_in="sidecar", metrics_port=_free_port())
+    try:
+        auto = grpcclient.InferenceServerClient(sidecar.address)
+        here = grpcclient.InferenceServerClient(maps_sidecar.address)
+        for pixels in (clean, adversarial):
+            np.testing.assert_allclose(_score(here, pixels), _score(auto, pixels), rtol=1e-5, atol=1e-5)
+        # Asked for by name, the entropy output reaches the client (the sidecar strips only what it added).
+        kept = auto.infer(MODEL, [infer_input(clean)], outputs=outputs("logits", detector.entropy_output))
+        assert sorted(o.name for o in kept.get_response().outputs) == sorted(["logits", detector.entropy_output])
+        # The maps path batches concurrent requests in the sidecar.
+        url = f"http://127.0.0.1:{maps_sidecar.sidecar.metrics_port}/metrics"
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: _score(grpcclient.InferenceServerClient(maps_sidecar.address), clean), range(8)))
+        metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert _counter(metrics, "advsentry_batch_size_sum", model=MODEL) == 10
+        assert 1 <= _counter(metrics, "advsentry_batch_size_count", model=MODEL) <= 10
+    finally:
+        maps_sidecar.stop()
 
 
 def test_health_and_reflection(sidecar):

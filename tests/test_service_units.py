@@ -128,6 +128,8 @@ def _request(values: np.ndarray, name="pixels", datatype="FP32", shape=None):
         (_request(np.zeros((1, 3, 4, 1), np.float32)), "does not match"),
         (_request(np.zeros((1, 3, 2, 1), np.float32), shape=[1, 3, 2, 2]), "needs 48 bytes"),
         (_request(np.array([np.nan] + [0.0] * 11, np.float32).reshape(1, 3, 2, 2)), "NaN or infinite"),
+        (_request(np.array([0.0] * 11 + [-np.inf], np.float32).reshape(1, 3, 2, 2)), "1 value(s) are NaN or infinite"),
+        (_request(np.array([np.inf, -np.inf] + [1.0] * 10, np.float32).reshape(1, 3, 2, 2)), "2 value(s)"),
     ],
 )
 def test_validation_names_what_is_wrong(request_, fragment):
@@ -138,6 +140,11 @@ def test_validation_names_what_is_wrong(request_, fragment):
 
 def test_valid_request_returns_batch_size_and_strip_keeps_raw_contents_aligned():
     assert validate_request(_request(np.zeros((2, 3, 2, 2), np.float32)), SPEC) == 2
+    # Largest finite values: the float64 fast check must not call them infinite.
+    assert validate_request(_request(np.full((1, 3, 2, 2), np.finfo(np.float32).max, np.float32)), SPEC) == 1
+    fp64 = ModelSpec("m", "1", {"pixels": TensorSpec("FP64", (-1, 3, 2, 2))}, {})
+    huge = np.full((1, 3, 2, 2), np.finfo(np.float64).max)  # their float64 sum overflows; they are still finite
+    assert validate_request(_request(huge, datatype="FP64"), fp64) == 1
     response = service_pb2.ModelInferResponse()
     for name, value in (("logits", 1.0), ("feature_response", 2.0), ("other", 3.0)):
         response.outputs.add(name=name, datatype="FP32", shape=[1, 2])

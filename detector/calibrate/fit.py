@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from detector.combiner import Combiner, fit_logistic_combiner
 from detector.evaluation import FPR_POINTS, evaluate, threshold_at_fpr
@@ -122,7 +121,7 @@ class Calibration:
 
 
 def _score(combiner: Combiner, entropies: np.ndarray) -> np.ndarray:
-    return combiner.combine(torch.from_numpy(np.asarray(entropies, dtype=np.float64))).numpy().astype(np.float64)
+    return combiner.combine_array(np.asarray(entropies, dtype=np.float64))
 
 
 def calibrate(

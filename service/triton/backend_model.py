@@ -8,7 +8,14 @@ This file is copied verbatim as ``<repository>/<model>/1/model.py`` by
   function returning an eager ``nn.Module`` that takes ``[B, 3, H, W]`` pixels in
   ``[0, 1]``) or ``{"kind": "state_dict", ...}`` (factory + weights file);
 - ``features``: ``{output name: ScoreConfig dict}``, the maps the detector reads;
+- ``feature_order``: their order (the columns of the entropy output);
+- ``entropy_output``: that output's name, checked against the features' hash;
 - ``input``: the name of the pixel input.
+
+Besides the maps it serves ``advsentry_entropy_<hash>`` (``[B, F]``): the
+maps' average local spatial entropies, computed here with the same
+``detector.map_entropies`` the sidecar uses, so the sidecar in front only
+combines ``F`` floats per image and runs no tensor code per request.
 
 Why the feature responses are computed here and not in the sidecar: guided
 backpropagation needs the model's forward and backward pass, which already
@@ -66,39 +73,51 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from detector import ScoreConfig
+        from detector import ScoreConfig, entropy_output_name
         from detector.features import FeatureModel
 
         spec = json.loads(Path(__file__).with_name("advsentry_model.json").read_text())
         use_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{args.get('model_instance_device_id', 0)}" if use_gpu else "cpu")
         self.input_name = spec["input"]
-        self.features = {name: ScoreConfig.from_dict(cfg) for name, cfg in spec["features"].items()}
+        order = spec.get("feature_order") or list(spec["features"])
+        self.features = {name: ScoreConfig.from_dict(spec["features"][name]) for name in order}
         self.model = _load_module(spec["source"], self.device)
         self.feature_model = FeatureModel(self.model, self.features)
+        self.entropy_output = entropy_output_name(self.features.values())
+        if spec.get("entropy_output", self.entropy_output) != self.entropy_output:
+            raise ValueError(
+                f"advsentry_model.json declares entropy output {spec['entropy_output']!r} but its features "
+                f"hash to {self.entropy_output!r} (edited by hand, or another advsentry version wrote it)"
+            )
+        self.all_outputs = ["logits", *self.features, self.entropy_output]
 
     def execute(self, requests):
         import torch
+
+        from detector import map_entropies
 
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         sizes = [a.shape[0] for a in arrays]
         wanted = set()
         for request in requests:
             names = request.requested_output_names()
-            wanted.update(names if names else ["logits", *self.features])
+            wanted.update(names if names else self.all_outputs)
         pixels = torch.from_numpy(np.concatenate(arrays).astype(np.float32, copy=False)).to(self.device)
-        need_maps = any(name in self.features for name in wanted)
-        if need_maps:
+        if any(name in self.features or name == self.entropy_output for name in wanted):
             # Guided backprop needs autograd: no torch.no_grad() here.
             outputs = self.feature_model(pixels)
+            if self.entropy_output in wanted:
+                with torch.no_grad():
+                    outputs[self.entropy_output] = map_entropies(outputs, self.features)
         else:
             with torch.no_grad():
                 outputs = {"logits": self.model(pixels)}
-        outputs = {k: v.detach().to("cpu").float().numpy() for k, v in outputs.items()}
+        outputs = {k: v.detach().to("cpu").float().numpy() for k, v in outputs.items() if k in wanted}
         responses = []
         start = 0
         for request, size in zip(requests, sizes):
-            names = request.requested_output_names() or ["logits", *self.features]
+            names = request.requested_output_names() or self.all_outputs
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(outputs[name][start : start + size]))
                 for name in names

@@ -6,8 +6,13 @@ beside it. Any Triton 2.x with the Python backend loads it, provided the stub's
 interpreter can import torch and advsentry's ``detector`` package.
 
 The model takes ``pixels`` (FP32 ``[B, 3, H, W]`` in ``[0, 1]``) and returns
-``logits`` (FP32 ``[B, classes]``) and one FP32 output per feature map of the
-detector (``feature_response`` by default, ``[B, 3, H, W]``). The exporter runs
+``logits`` (FP32 ``[B, classes]``), one FP32 output per feature map of the
+detector (``feature_response`` by default, ``[B, 3, H, W]``), and
+``advsentry_entropy_<hash>`` (FP32 ``[B, F]``): the maps' average local spatial
+entropies computed inside Triton (see :func:`detector.entropy_output_name`).
+The sidecar asks for the last one when it matches its calibration, so only
+``F`` floats per image cross the wire and the proxy runs no tensor code; the
+maps stay available for offline tools and for ``--entropy-in sidecar``. The exporter runs
 the model once on a blank image before writing anything, so a model that
 guided backpropagation cannot handle is refused at export time, not at the
 first request.
@@ -128,6 +133,7 @@ def config_pbtxt(
     instance_kind: str,
     instances: int,
     max_queue_delay_us: int,
+    entropy_output: str | None = None,
 ) -> str:
     """The model's ``config.pbtxt`` text."""
     outputs = [f'  {{ name: "{LOGITS_OUTPUT}" data_type: TYPE_FP32 dims: [ {classes} ] }}']
@@ -135,6 +141,8 @@ def config_pbtxt(
         f'  {{ name: "{out}" data_type: TYPE_FP32 dims: [ {", ".join(map(str, dims))} ] }}'
         for out, dims in feature_shapes.items()
     ]
+    if entropy_output:
+        outputs.append(f'  {{ name: "{entropy_output}" data_type: TYPE_FP32 dims: [ {len(feature_shapes)} ] }}')
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
     return (
         f'name: "{name}"\n'
@@ -163,7 +171,7 @@ def export_model_repository(
     max_queue_delay_us: int = 2000,
 ) -> Path:
     """Write ``<out>/<model_name>/`` and return its path. Existing model directories are replaced."""
-    from detector import DEFAULT_FEATURES
+    from detector import DEFAULT_FEATURES, entropy_output_name
 
     source = source or ModelSource()
     features = dict(features or DEFAULT_FEATURES)
@@ -189,6 +197,7 @@ def export_model_repository(
             instance_kind=instance_kind,
             instances=instances,
             max_queue_delay_us=max_queue_delay_us,
+            entropy_output=entropy_output_name(features.values()),
         )
     )
     shutil.copyfile(BACKEND_MODEL_FILE, version_dir / "model.py")
@@ -198,6 +207,9 @@ def export_model_repository(
         "source": source.to_json(),
         "input": PIXELS_INPUT,
         "features": {name: config.to_dict() for name, config in features.items()},
+        # JSON objects are unordered (and written sorted): the entropy output's column order is explicit.
+        "feature_order": list(features),
+        "entropy_output": entropy_output_name(features.values()),
     }
     (version_dir / "advsentry_model.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return model_dir
