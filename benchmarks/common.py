@@ -201,9 +201,7 @@ class SidecarProcess:
         from tritonclient.grpc import service_pb2, service_pb2_grpc
 
         self._log = tempfile.TemporaryFile()
-        command = [sys.executable, "-c", "from service.cli import app; app()", "serve", "--upstream", self.upstream,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
-                   "--log-level", "WARNING", *self.args]
+        command = self.command(sys.executable)
         root = Path(__file__).resolve().parent.parent
         self.process = subprocess.Popen(command, cwd=root, stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONPATH": str(root), **self.env})
@@ -220,6 +218,11 @@ class SidecarProcess:
                     time.sleep(0.2)
         self.__exit__()
         raise RuntimeError(f"sidecar not ready after {self.start_timeout_s}s:\n{self.log_tail()}")
+
+    def command(self, python: str) -> list[str]:
+        return [python, "-c", "from service.cli import app; app()", "serve", "--upstream", self.upstream,
+                "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
+                "--log-level", "WARNING", *self.args]
 
     def log_tail(self, chars: int = 4000) -> str:
         if self._log is None:
@@ -241,3 +244,10 @@ class SidecarProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class NullProxyProcess(SidecarProcess):
+    """``benchmarks.null_proxy`` (the floor of a Python gRPC proxy) as a child process, like the sidecar."""
+
+    def command(self, python: str) -> list[str]:
+        return [python, "-m", "benchmarks.null_proxy", "--upstream", self.upstream, "--port", str(self.port)]

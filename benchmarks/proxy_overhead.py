@@ -3,21 +3,28 @@
 Two model set-ups, each on a real ``tritonserver`` (nvidia-pytriton's binary):
 
 - ``identity``: a trivial Python-backend model (``benchmarks.common.IDENTITY_MODEL_PY``)
-  whose ``logits`` are the first ten input values and whose feature map(s),
-  named as ``Detector.default()`` reads them, are the 3×16×16 input itself.
-  Triton costs almost nothing, so what the sidecar adds is visible.
-  Goal: added p50 ≤ 1 ms and throughput ≥ 90 % of direct.
+  whose ``logits`` are the first ten input values, whose feature maps are the
+  3×16×16 input itself and whose in-Triton entropy output is the first F input
+  values. Triton costs almost nothing, so what a proxy adds is visible.
+  Goal: added p50 ≤ 1 ms and throughput ≥ 90 % of direct. Four targets:
+  ``direct``; ``sidecar`` (the default: Triton computes the entropies, the
+  sidecar combines F floats); ``sidecar_maps`` (``--entropy-in sidecar``: maps
+  over the wire, entropies in the sidecar's micro-batcher, the pre-change
+  architecture); ``python_floor`` (``benchmarks.null_proxy``: a byte forwarder
+  with no logic on the same ``grpc.aio`` stack, the least any Python proxy
+  costs), so the overhead splits into transport and advsentry's own work.
 - ``efficientnet-lite0``: the bundled model as ``advsentry export-model`` writes it.
   Two references: direct asking ``logits`` only (what a client pays without
-  advsentry: one forward pass) and direct asking ``logits`` + the feature maps
-  (what Triton itself must compute for detection: forward + guided backward),
-  so the proxy's own overhead and the whole price of protection are both shown.
+  advsentry: one forward pass) and direct asking ``logits`` + the entropy
+  output (what Triton itself must compute for detection: forward + guided
+  backward + entropies), so the proxy's own overhead and the whole price of
+  protection are both shown.
 
-For each concurrency (1, 16, 64) and mode (unary, streaming), direct and
-sidecar runs alternate ``--repeats`` times (closed loop, ``benchmarks.loadgen``),
-each after a warm-up; medians and spreads of p50 latency and throughput are
-reported. The sidecar runs as a child process (``advsentry serve --upstream``)
-with the shipped default calibration, policy annotate.
+For each concurrency (1, 16, 64) and mode (unary, streaming), the targets
+alternate ``--repeats`` times (closed loop, ``benchmarks.loadgen``), each after
+a warm-up; medians and spreads of p50 latency and throughput are reported.
+Proxies run as child processes (``advsentry serve --upstream`` with the
+shipped default calibration, policy annotate).
 
     python -m benchmarks.proxy_overhead            # full run, writes results/proxy_overhead.json
     python -m benchmarks.proxy_overhead --smoke    # seconds; used by the test suite
@@ -28,12 +35,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, SidecarProcess, load_average, summarize, write_identity_repository, write_result
+from benchmarks.common import (
+    RESULTS_DIR,
+    NullProxyProcess,
+    SidecarProcess,
+    load_average,
+    summarize,
+    write_identity_repository,
+    write_result,
+)
 from benchmarks.loadgen import infer_request_bytes, run_load
 
 IDENTITY_SIZE = 16
@@ -57,32 +73,34 @@ def _check_annotated(address: str, payload: bytes) -> dict[str, Any]:
 
 
 class _Stack:
-    """Triton + sidecar child processes that can be restarted.
+    """Triton + the proxies under test (child processes) that can be restarted together.
 
     Why: Triton 2.51's Python backend (nvidia-pytriton 0.7.0) occasionally
     segfaults under sustained streaming load on this machine, also when called
     directly with no advsentry in the path. A run that hits a dead Triton is
-    discarded, both processes are restarted and the run is repeated; the
+    discarded, all processes are restarted and the run is repeated; the
     restarts are counted in the results.
     """
 
-    def __init__(self, repository: Path, sidecar_args: tuple[str, ...]) -> None:
+    def __init__(self, repository: Path, proxies: dict[str, Callable[[str], Any]]) -> None:
         self.repository = repository
-        self.sidecar_args = sidecar_args
+        self.proxies = proxies  # name -> factory(upstream address) of a SidecarProcess-like context manager
         self.restarts = 0
         self.triton: Any = None
-        self.sidecar: Any = None
+        self.running: dict[str, Any] = {}
 
     def start(self) -> "_Stack":
         from service.triton.server import TritonServer
 
         self.triton = TritonServer(self.repository).start()
-        self.sidecar = SidecarProcess(self.triton.grpc_address, args=self.sidecar_args).__enter__()
+        for name, factory in self.proxies.items():
+            self.running[name] = factory(self.triton.grpc_address).__enter__()
         return self
 
     def stop(self) -> None:
-        if self.sidecar is not None:
-            self.sidecar.__exit__()
+        for proxy in self.running.values():
+            proxy.__exit__()
+        self.running = {}
         if self.triton is not None:
             self.triton.stop()
 
@@ -92,7 +110,7 @@ class _Stack:
         self.start()
 
     def address(self, name: str) -> str:
-        return self.sidecar.address if name == "sidecar" else self.triton.grpc_address
+        return self.running[name].address if name in self.running else self.triton.grpc_address
 
 
 def _measure(stack: _Stack, targets: dict[str, bytes], concurrencies: list[int], modes: list[bool], *, repeats: int,
@@ -131,32 +149,55 @@ def _measure(stack: _Stack, targets: dict[str, bytes], concurrencies: list[int],
     return rows
 
 
-def _compare(rows: list[dict[str, Any]], reference: str, sidecar: str = "sidecar") -> None:
+def _compare(rows: list[dict[str, Any]], reference: str, via: str = "sidecar") -> None:
     for row in rows:
-        ref, via = row[reference], row[sidecar]
-        row[f"vs_{reference}"] = {
-            "added_p50_ms": via["p50_ms"]["median"] - ref["p50_ms"]["median"],
-            "throughput_ratio": via["throughput_rps"]["median"] / ref["throughput_rps"]["median"],
+        ref, through = row[reference], row[via]
+        key = f"vs_{reference}" if via == "sidecar" else f"{via}_vs_{reference}"
+        row[key] = {
+            "added_p50_ms": through["p50_ms"]["median"] - ref["p50_ms"]["median"],
+            "throughput_ratio": through["throughput_rps"]["median"] / ref["throughput_rps"]["median"],
         }
 
 
+def _proxies(sidecar_args: tuple[str, ...], *, floor: bool, maps_path: bool) -> dict[str, Callable[[str], Any]]:
+    proxies: dict[str, Callable[[str], Any]] = {"sidecar": lambda upstream: SidecarProcess(upstream, args=sidecar_args)}
+    if maps_path:
+        proxies["sidecar_maps"] = lambda upstream: SidecarProcess(upstream, args=(*sidecar_args, "--entropy-in", "sidecar"))
+    if floor:
+        proxies["python_floor"] = lambda upstream: NullProxyProcess(upstream)
+    return proxies
+
+
 def run_identity(concurrencies: list[int], repeats: int, duration_s: float, warmup_s: float,
-                 sidecar_args: tuple[str, ...]) -> dict[str, Any]:
+                 sidecar_args: tuple[str, ...], *, floor: bool = True, maps_path: bool = True) -> dict[str, Any]:
     from detector import Detector
-    feature_outputs = Detector.default().feature_outputs
+
+    detector = Detector.default()
     pixels = np.random.default_rng(0).random((1, 3, IDENTITY_SIZE, IDENTITY_SIZE), dtype=np.float32)
     payload = infer_request_bytes("identity", {"pixels": pixels}, ("logits",))
+    proxies = _proxies(sidecar_args, floor=floor, maps_path=maps_path)
     with tempfile.TemporaryDirectory() as tmp:
-        stack = _Stack(write_identity_repository(Path(tmp), feature_outputs, size=IDENTITY_SIZE), sidecar_args).start()
+        repository = write_identity_repository(Path(tmp), detector.feature_outputs, size=IDENTITY_SIZE,
+                                               entropy_output=detector.entropy_output)
+        stack = _Stack(repository, proxies).start()
         try:
             annotation = _check_annotated(stack.address("sidecar"), payload)
-            rows = _measure(stack, {"direct": payload, "sidecar": payload}, concurrencies, [False, True],
+            if maps_path:
+                _check_annotated(stack.address("sidecar_maps"), payload)
+            targets = {"direct": payload, **{name: payload for name in proxies}}
+            rows = _measure(stack, targets, concurrencies, [False, True],
                             repeats=repeats, duration_s=duration_s, warmup_s=warmup_s, max_requests=1_000_000)
         finally:
             stack.stop()
     _compare(rows, "direct")
-    return {"model": "identity", "input_shape": list(pixels.shape), "feature_outputs": list(feature_outputs),
-            "annotation_example": annotation, "triton_restarts": stack.restarts, "rows": rows}
+    for name in proxies:
+        if name != "sidecar":
+            _compare(rows, "direct", via=name)
+    if floor:
+        _compare(rows, "python_floor")
+    return {"model": "identity", "input_shape": list(pixels.shape), "feature_outputs": list(detector.feature_outputs),
+            "entropy_output": detector.entropy_output, "annotation_example": annotation,
+            "triton_restarts": stack.restarts, "rows": rows}
 
 
 def run_efficientnet(concurrencies: list[int], repeats: int, duration_s: float, warmup_s: float,
@@ -165,24 +206,25 @@ def run_efficientnet(concurrencies: list[int], repeats: int, duration_s: float, 
     from detector.samples import full_photo_samples, to_tensor
     from service.triton.export import export_model_repository
 
-    feature_outputs = Detector.default().feature_outputs
+    detector = Detector.default()
     pixels = to_tensor([full_photo_samples()[1].pixels()]).numpy()
     logits_only = infer_request_bytes("efficientnet-lite0", {"pixels": pixels}, ("logits",))
-    with_maps = infer_request_bytes("efficientnet-lite0", {"pixels": pixels}, ("logits", *feature_outputs))
+    with_entropies = infer_request_bytes("efficientnet-lite0", {"pixels": pixels}, ("logits", detector.entropy_output))
     with tempfile.TemporaryDirectory() as tmp:
         export_model_repository(Path(tmp))
-        stack = _Stack(Path(tmp), sidecar_args).start()
+        stack = _Stack(Path(tmp), _proxies(sidecar_args, floor=False, maps_path=False)).start()
         try:
             annotation = _check_annotated(stack.address("sidecar"), logits_only)
-            targets = {"direct_logits": logits_only, "direct_with_maps": with_maps, "sidecar": logits_only}
+            targets = {"direct_logits": logits_only, "direct_with_entropies": with_entropies, "sidecar": logits_only}
             rows = _measure(stack, targets, concurrencies, [False, True], repeats=repeats, duration_s=duration_s,
                             warmup_s=warmup_s, max_requests=100_000)
         finally:
             stack.stop()
     _compare(rows, "direct_logits")
-    _compare(rows, "direct_with_maps")
-    return {"model": "efficientnet-lite0", "input_shape": list(pixels.shape), "feature_outputs": list(feature_outputs),
-            "annotation_example": annotation, "triton_restarts": stack.restarts, "rows": rows}
+    _compare(rows, "direct_with_entropies")
+    return {"model": "efficientnet-lite0", "input_shape": list(pixels.shape), "feature_outputs": list(detector.feature_outputs),
+            "entropy_output": detector.entropy_output, "annotation_example": annotation,
+            "triton_restarts": stack.restarts, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     sidecar_args = ("--policy", "annotate", "--calibration", str(DEFAULT_ARTIFACT_PATH), *args.sidecar_arg)
     start_load = load_average()
     if args.smoke:
-        identity = run_identity([1, 4], 1, 0.5, 0.2, sidecar_args)
+        identity = run_identity([1, 4], 1, 0.5, 0.2, sidecar_args, maps_path=False)
         payload: dict[str, Any] = {"smoke": True, "load_average_start": start_load, "identity": identity}
         path = write_result("proxy_overhead_smoke", payload, args.results_dir)
     else:

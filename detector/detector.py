@@ -3,7 +3,9 @@
 A detector is a set of named feature maps (each with its :class:`ScoreConfig`),
 a combiner from their entropies to one score, and a threshold. The single map
 plus threshold of the paper is the special case. The sidecar never runs the
-model itself (Triton returns the maps as extra outputs) and calls
+model itself: an exported Triton model returns the per-map entropies (computed
+there by :func:`map_entropies`) and the sidecar calls
+:meth:`Detector.score_entropies`, or it returns the maps and the sidecar calls
 :meth:`Detector.score_maps`; offline tools with a local model call
 :meth:`Detector.score`.
 """

@@ -60,8 +60,9 @@ class ModelDetector:
             for name, array in maps.items()
         }
         with torch.no_grad():
-            scores = self.detector.score_maps(tensors)
-        return scores.detach().to("cpu").double().numpy()
+            entropies = self.detector.entropies(tensors)
+        # Combined exactly as when Triton computed the entropies, so both paths give the same score.
+        return self.detector.score_entropies(entropies.to("cpu").numpy())
 
     @property
     def entropy_output(self) -> str:

@@ -371,7 +371,9 @@ class InferenceCore:
             with self._tracer.start_as_current_span("advsentry.score") as score_span:
                 try:
                     if entropy_output:
+                        t2 = time.perf_counter()
                         scores = protection.detector.score_entropies(output_array(response, entropy_output))
+                        self.metrics.observe_detector_call(model, int(scores.size), 1, time.perf_counter() - t2)
                     else:
                         maps = {name: output_array(response, name) for name in feature_outputs}
                         key = (model, tuple((name, maps[name].shape[1:]) for name in feature_outputs))

@@ -85,15 +85,17 @@ class SidecarMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.batch_size = Histogram(
-            "advsentry_batch_size", "Inputs scored per batched detector call.", ("model",),
+            "advsentry_batch_size",
+            "Inputs scored per detector call (one request's inputs when Triton computed the entropies).", ("model",),
             buckets=_BATCH_BUCKETS, registry=r,
         )
         self.batch_requests = Histogram(
-            "advsentry_batch_requests", "Requests merged into one batched detector call.", ("model",),
+            "advsentry_batch_requests", "Requests merged into one detector call (1 when scored inline).", ("model",),
             buckets=_BATCH_BUCKETS, registry=r,
         )
         self.detector_latency = Histogram(
-            "advsentry_detector_call_seconds", "Duration of one batched detector call.", ("model",),
+            "advsentry_detector_call_seconds", "Duration of one detector call (batched maps, or inline combine).",
+            ("model",),
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.errors = Counter(
@@ -105,6 +107,11 @@ class SidecarMetrics:
             registry=r,
         )
         self.upstream_up = Gauge("advsentry_upstream_ready", "1 when the upstream Triton reports ready.", registry=r)
+
+    def observe_detector_call(self, model: str, inputs: int, requests: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(inputs)
+        self.batch_requests.labels(model).observe(requests)
+        self.detector_latency.labels(model).observe(seconds)
 
     def set_calibration(self, model: str, version: str, calibration_id: str | None, source: str,
                         threshold: float | None, created_at: str | None = None) -> None:

@@ -422,8 +422,10 @@ def test_metrics_scrape_counts_traffic_and_batches_concurrent_requests(sidecar):
     assert delta("advsentry_upstream_latency_seconds_count") == 8
     assert delta("advsentry_scoring_latency_seconds_count") == 8
     assert delta("advsentry_proxy_overhead_seconds_count") == 8
-    # The exported model computes the entropies in Triton: nothing goes through the micro-batcher.
-    assert _counter(after, "advsentry_batch_size_count", model=MODEL) == _counter(before, "advsentry_batch_size_count", model=MODEL)
+    # The exported model computes the entropies in Triton: one inline detector call per request.
+    batched = _counter(after, "advsentry_batch_size_sum", model=MODEL) - _counter(before, "advsentry_batch_size_sum", model=MODEL)
+    calls = _counter(after, "advsentry_batch_size_count", model=MODEL) - _counter(before, "advsentry_batch_size_count", model=MODEL)
+    assert batched == 8 and calls == 8
     assert "advsentry_in_flight_requests{" in after
     assert _counter(after, "advsentry_in_flight_requests", model=MODEL) == 0
     assert "advsentry_calibration_info{" in after and "advsentry_threshold{" in after
@@ -468,7 +470,8 @@ def test_entropies_computed_in_triton_equal_the_sidecars_own(sidecar, triton, ph
             list(pool.map(lambda _: _score(grpcclient.InferenceServerClient(maps_sidecar.address), clean), range(8)))
         metrics = urllib.request.urlopen(url, timeout=10).read().decode()
         assert _counter(metrics, "advsentry_batch_size_sum", model=MODEL) == 10
-        assert 1 <= _counter(metrics, "advsentry_batch_size_count", model=MODEL) <= 10
+        assert 1 <= _counter(metrics, "advsentry_batch_requests_count", model=MODEL) <= 10
+        assert _counter(metrics, "advsentry_batch_requests_sum", model=MODEL) == 10
     finally:
         maps_sidecar.stop()
 

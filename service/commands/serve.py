@@ -64,6 +64,7 @@ def serve(
     scoring_failure: Annotated[Optional[str], typer.Option(help=_option_help("scoring_failure"), show_default=False)] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(help=_option_help("max_batch_size"), show_default=False)] = None,
     max_batch_delay_ms: Annotated[Optional[float], typer.Option(help=_option_help("max_batch_delay_ms"), show_default=False)] = None,
+    entropy_in: Annotated[Optional[str], typer.Option(help=_option_help("entropy_in"), show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option(help=_option_help("device"), show_default=False)] = None,
     upstream_timeout_s: Annotated[Optional[float], typer.Option(help=_option_help("upstream_timeout_s"), show_default=False)] = None,
     max_message_bytes: Annotated[Optional[int], typer.Option(help=_option_help("max_message_bytes"), show_default=False)] = None,
@@ -90,7 +91,7 @@ def serve(
         settings = load_settings(
             config, port=port, metrics_port=metrics_port, upstream=upstream, calibration=calibration, policy=policy,
             host=host, scoring_failure=scoring_failure, max_batch_size=max_batch_size,
-            max_batch_delay_ms=max_batch_delay_ms, device=device, upstream_timeout_s=upstream_timeout_s,
+            max_batch_delay_ms=max_batch_delay_ms, entropy_in=entropy_in, device=device, upstream_timeout_s=upstream_timeout_s,
             max_message_bytes=max_message_bytes, shutdown_grace_s=shutdown_grace_s,
             embedded_model_repository=model_repository, log_level=log_level,
         )

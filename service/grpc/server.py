@@ -68,9 +68,7 @@ class Sidecar:
         )
 
         def observe(key, inputs: int, requests: int, seconds: float) -> None:
-            self.metrics.batch_size.labels(key[0]).observe(inputs)
-            self.metrics.batch_requests.labels(key[0]).observe(requests)
-            self.metrics.detector_latency.labels(key[0]).observe(seconds)
+            self.metrics.observe_detector_call(key[0], inputs, requests, seconds)
 
         self.batcher = MicroBatcher(
             self.registry.score,
