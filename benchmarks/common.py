@@ -135,7 +135,7 @@ class TritonPythonModel:
 
 
 def write_identity_repository(out: Path, feature_outputs: tuple[str, ...], *, name: str = "identity",
-                              size: int = 16, max_batch_size: int = 16, entropy_output: str | None = None) -> Path:
+                              size: int = 16, max_batch_size: int = 4, entropy_output: str | None = None) -> Path:
     """A Triton model repository holding the identity-like Python-backend model above.
 
     It returns ``logits`` [10] and, for each of ``feature_outputs`` (the default
@@ -144,9 +144,11 @@ def write_identity_repository(out: Path, feature_outputs: tuple[str, ...], *, na
     ``entropy_output`` (the default detector's ``entropy_output``), it also
     serves that output as an exported model does, so the sidecar takes the
     in-Triton path (entropies in, no tensor code in the proxy).
-    ``max_batch_size`` 16: with 64, Triton 2.51's Python backend (nvidia-pytriton
-    0.7.0) segfaults in ``TRITONBACKEND_ModelInstanceExecute`` under 64 concurrent
-    streams (reproduced calling Triton directly, no advsentry involved).
+    ``max_batch_size`` 4: with 8 or more, Triton 2.51's Python backend
+    (nvidia-pytriton 0.7.0) segfaults in ``TRITONBACKEND_ModelInstanceExecute``
+    within seconds under 64 concurrent streams called directly, no advsentry
+    involved (reproduced with 16 and 8 in the first 15 s; 4 ran clean; a larger
+    Python-backend shared-memory pool did not help).
     """
     model_dir = out / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
