@@ -32,6 +32,7 @@ import numpy as np
 from opentelemetry import trace
 
 from detector import CalibrationError
+from detector.detector import ENTROPY_OUTPUT_PREFIX
 
 from .batching import MicroBatcher
 from .detectors import DetectorRegistry, ModelDetector
@@ -235,8 +236,8 @@ def _add_detector_outputs(request, spec: ModelSpec | None, detector: ModelDetect
         return set(needed) - requested
     if spec is None:  # outputs unknown: Triton sends everything, the detector's are removed
         return ours
-    for name in spec.outputs:
-        if name not in ours:
+    for name in spec.outputs:  # entropy outputs for other calibrations are detector outputs too
+        if name not in ours and not name.startswith(ENTROPY_OUTPUT_PREFIX):
             request.outputs.add().name = name
     for name in needed:
         request.outputs.add().name = name

@@ -234,3 +234,34 @@ def test_exported_config_declares_each_feature_maps_real_shape(tmp_path):
     assert 'name: "feature_response" data_type: TYPE_FP32 dims: [ 3, 32, 32 ]' in config
     assert 'name: "early_activations" data_type: TYPE_FP32 dims: [ 8, 32, 32 ]' in config
     assert 'string_value: "feature_response,early_activations"' in config
+
+
+def test_a_request_naming_no_outputs_gets_the_models_own_and_the_detectors_hidden():
+    """No outputs = "all" to Triton: the sidecar names the model's outputs, never the detector's."""
+    from service.detectors import ModelDetector
+    from service.inference import _add_detector_outputs
+
+    from detector import Detector
+
+    detector = Detector.default()
+    model_detector = ModelDetector("m", detector, {n: n for n in detector.feature_outputs}, None)
+    stale = "advsentry_entropy_0123456789abcdef"  # exported for another calibration
+    spec = ModelSpec("m", "1", {"pixels": TensorSpec("FP32", (-1, 3, 2, 2))}, {
+        "logits": TensorSpec("FP32", (-1, 5)), "embedding": TensorSpec("FP32", (-1, 8)),
+        detector.entropy_output: TensorSpec("FP32", (-1, 5)), stale: TensorSpec("FP32", (-1, 5)),
+        **{name: TensorSpec("FP32", (-1, 1, 4, 4)) for name in detector.feature_outputs}})
+    request = _request(np.zeros((1, 3, 2, 2), np.float32))
+    hidden = _add_detector_outputs(request, spec, model_detector, (detector.entropy_output,))
+    assert [o.name for o in request.outputs] == ["logits", "embedding", detector.entropy_output]
+    assert hidden == {detector.entropy_output}
+    # Named outputs are kept; only what the sidecar added is hidden again.
+    request = _request(np.zeros((1, 3, 2, 2), np.float32))
+    request.outputs.add().name = "logits"
+    hidden = _add_detector_outputs(request, spec, model_detector, detector.feature_outputs)
+    assert [o.name for o in request.outputs] == ["logits", *detector.feature_outputs]
+    assert hidden == set(detector.feature_outputs)
+    # Unknown model outputs (no metadata): Triton sends all, every detector output is removed.
+    request = _request(np.zeros((1, 3, 2, 2), np.float32))
+    assert _add_detector_outputs(request, None, model_detector, (detector.entropy_output,)) == {
+        *detector.feature_outputs, detector.entropy_output}
+    assert not request.outputs
