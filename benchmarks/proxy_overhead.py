@@ -212,16 +212,21 @@ def run_efficientnet(concurrencies: list[int], repeats: int, duration_s: float, 
     with_entropies = infer_request_bytes("efficientnet-lite0", {"pixels": pixels}, ("logits", detector.entropy_output))
     with tempfile.TemporaryDirectory() as tmp:
         export_model_repository(Path(tmp))
-        stack = _Stack(Path(tmp), _proxies(sidecar_args, floor=False, maps_path=False)).start()
+        stack = _Stack(Path(tmp), _proxies(sidecar_args, floor=True, maps_path=False)).start()
         try:
             annotation = _check_annotated(stack.address("sidecar"), logits_only)
-            targets = {"direct_logits": logits_only, "direct_with_entropies": with_entropies, "sidecar": logits_only}
+            # The floor forwards what the sidecar sends upstream (logits + entropies), so the two are
+            # compared on the same Triton work; the difference is advsentry's own per-request cost.
+            targets = {"direct_logits": logits_only, "direct_with_entropies": with_entropies, "sidecar": logits_only,
+                       "python_floor": with_entropies}
             rows = _measure(stack, targets, concurrencies, [False, True], repeats=repeats, duration_s=duration_s,
                             warmup_s=warmup_s, max_requests=100_000)
         finally:
             stack.stop()
     _compare(rows, "direct_logits")
     _compare(rows, "direct_with_entropies")
+    _compare(rows, "direct_with_entropies", via="python_floor")
+    _compare(rows, "python_floor")
     return {"model": "efficientnet-lite0", "input_shape": list(pixels.shape), "feature_outputs": list(detector.feature_outputs),
             "entropy_output": detector.entropy_output, "annotation_example": annotation,
             "triton_restarts": stack.restarts, "rows": rows}
