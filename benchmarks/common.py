@@ -253,3 +253,60 @@ class NullProxyProcess(SidecarProcess):
 
     def command(self, python: str) -> list[str]:
         return [python, "-m", "benchmarks.null_proxy", "--upstream", self.upstream, "--port", str(self.port)]
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+master_process off;
+error_log {tmp}/error.log warn;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  upstream triton {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} http2;
+    http2_max_concurrent_streams 1024;
+    location / {{ grpc_pass grpc://triton; }}
+  }}
+}}
+"""
+
+
+class NginxProcess(SidecarProcess):
+    """nginx ``grpc_pass`` (one worker) as a child process: the floor of a *native* proxy with no logic.
+
+    A measuring instrument beside ``NullProxyProcess``: whatever it costs over
+    direct Triton is what one more loopback hop through a C proxy costs on this
+    machine. Used only where an ``nginx`` binary exists (Debian ``nginx-light``).
+    Unary only: on bidirectional streams nginx answers the client's half-close
+    with RST_STREAM (INTERNAL), so every stream ends in an error after all its
+    messages were answered.
+    """
+
+    def __enter__(self) -> "NginxProcess":
+        import tempfile
+
+        self._conf_dir = tempfile.TemporaryDirectory(prefix="advsentry-nginx-")
+        conf = Path(self._conf_dir.name) / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=self._conf_dir.name, upstream=self.upstream, port=self.port))
+        super().__enter__()
+        return self
+
+    def command(self, python: str) -> list[str]:
+        import shutil
+
+        binary = shutil.which("nginx")
+        if binary is None:
+            raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
+        return [binary, "-c", str(Path(self._conf_dir.name) / "nginx.conf")]
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._conf_dir.cleanup()

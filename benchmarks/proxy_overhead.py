@@ -12,7 +12,10 @@ Two model set-ups, each on a real ``tritonserver`` (nvidia-pytriton's binary):
   over the wire, entropies in the sidecar's micro-batcher, the pre-change
   architecture); ``python_floor`` (``benchmarks.null_proxy``: a byte forwarder
   with no logic on the same ``grpc.aio`` stack, the least any Python proxy
-  costs), so the overhead splits into transport and advsentry's own work.
+  costs), so the overhead splits into transport and advsentry's own work;
+  and, where an ``nginx`` binary exists, ``native_floor`` (nginx
+  ``grpc_pass``, one worker, unary only): the least one more loopback hop
+  through a native proxy costs on this machine.
 - ``efficientnet-lite0``: the bundled model as ``advsentry export-model`` writes it.
   Two references: direct asking ``logits`` only (what a client pays without
   advsentry: one forward pass) and direct asking ``logits`` + the entropy
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +47,7 @@ import numpy as np
 
 from benchmarks.common import (
     RESULTS_DIR,
+    NginxProcess,
     NullProxyProcess,
     SidecarProcess,
     load_average,
@@ -114,14 +119,16 @@ class _Stack:
 
 
 def _measure(stack: _Stack, targets: dict[str, bytes], concurrencies: list[int], modes: list[bool], *, repeats: int,
-             duration_s: float, warmup_s: float, max_requests: int) -> list[dict[str, Any]]:
+             duration_s: float, warmup_s: float, max_requests: int,
+             unary_only: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """``targets``: name ("sidecar" or a direct reference) → request payload."""
     rows = []
     for concurrency in concurrencies:
         for streaming in modes:
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            active = {name: payload for name, payload in targets.items() if not (streaming and name in unary_only)}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in active}
             for _ in range(repeats):
-                for name, payload in targets.items():  # interleaved: drift hits all alike
+                for name, payload in active.items():  # interleaved: drift hits all alike
                     for attempt in range(3):
                         result = asyncio.run(run_load(stack.address(name), payload, concurrency=concurrency,
                                                       duration_s=duration_s, warmup_s=warmup_s,
@@ -145,12 +152,14 @@ def _measure(stack: _Stack, targets: dict[str, bytes], concurrencies: list[int],
             rows.append(row)
             print(f"c={concurrency:3d} {row['mode']:9s} " + "  ".join(
                 f"{n}: p50 {row[n]['p50_ms']['median']:.2f} ms, {row[n]['throughput_rps']['median']:.0f} rps"
-                for n in targets), flush=True)
+                for n in active), flush=True)
     return rows
 
 
 def _compare(rows: list[dict[str, Any]], reference: str, via: str = "sidecar") -> None:
     for row in rows:
+        if via not in row or reference not in row:  # a unary-only reference
+            continue
         ref, through = row[reference], row[via]
         key = f"vs_{reference}" if via == "sidecar" else f"{via}_vs_{reference}"
         row[key] = {
@@ -159,23 +168,27 @@ def _compare(rows: list[dict[str, Any]], reference: str, via: str = "sidecar") -
         }
 
 
-def _proxies(sidecar_args: tuple[str, ...], *, floor: bool, maps_path: bool) -> dict[str, Callable[[str], Any]]:
+def _proxies(sidecar_args: tuple[str, ...], *, floor: bool, maps_path: bool,
+             native: bool = False) -> dict[str, Callable[[str], Any]]:
     proxies: dict[str, Callable[[str], Any]] = {"sidecar": lambda upstream: SidecarProcess(upstream, args=sidecar_args)}
     if maps_path:
         proxies["sidecar_maps"] = lambda upstream: SidecarProcess(upstream, args=(*sidecar_args, "--entropy-in", "sidecar"))
     if floor:
         proxies["python_floor"] = lambda upstream: NullProxyProcess(upstream)
+    if native:
+        proxies["native_floor"] = lambda upstream: NginxProcess(upstream)
     return proxies
 
 
 def run_identity(concurrencies: list[int], repeats: int, duration_s: float, warmup_s: float,
-                 sidecar_args: tuple[str, ...], *, floor: bool = True, maps_path: bool = True) -> dict[str, Any]:
+                 sidecar_args: tuple[str, ...], *, floor: bool = True, maps_path: bool = True,
+                 native: bool = False) -> dict[str, Any]:
     from detector import Detector
 
     detector = Detector.default()
     pixels = np.random.default_rng(0).random((1, 3, IDENTITY_SIZE, IDENTITY_SIZE), dtype=np.float32)
     payload = infer_request_bytes("identity", {"pixels": pixels}, ("logits",))
-    proxies = _proxies(sidecar_args, floor=floor, maps_path=maps_path)
+    proxies = _proxies(sidecar_args, floor=floor, maps_path=maps_path, native=native)
     with tempfile.TemporaryDirectory() as tmp:
         repository = write_identity_repository(Path(tmp), detector.feature_outputs, size=IDENTITY_SIZE,
                                                entropy_output=detector.entropy_output)
@@ -185,8 +198,8 @@ def run_identity(concurrencies: list[int], repeats: int, duration_s: float, warm
             if maps_path:
                 _check_annotated(stack.address("sidecar_maps"), payload)
             targets = {"direct": payload, **{name: payload for name in proxies}}
-            rows = _measure(stack, targets, concurrencies, [False, True],
-                            repeats=repeats, duration_s=duration_s, warmup_s=warmup_s, max_requests=1_000_000)
+            rows = _measure(stack, targets, concurrencies, [False, True], repeats=repeats, duration_s=duration_s,
+                            warmup_s=warmup_s, max_requests=1_000_000, unary_only=frozenset({"native_floor"}))
         finally:
             stack.stop()
     _compare(rows, "direct")
@@ -195,6 +208,8 @@ def run_identity(concurrencies: list[int], repeats: int, duration_s: float, warm
             _compare(rows, "direct", via=name)
     if floor:
         _compare(rows, "python_floor")
+    if native:
+        _compare(rows, "native_floor")
     return {"model": "identity", "input_shape": list(pixels.shape), "feature_outputs": list(detector.feature_outputs),
             "entropy_output": detector.entropy_output, "annotation_example": annotation,
             "triton_restarts": stack.restarts, "rows": rows}
@@ -239,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per identity-model run")
     parser.add_argument("--efficientnet-duration", type=float, default=10.0)
     parser.add_argument("--skip-efficientnet", action="store_true")
+    parser.add_argument("--no-native", action="store_true", help="skip the nginx (native proxy) floor")
     parser.add_argument("--sidecar-arg", action="append", default=[], help="extra `advsentry serve` argument")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -251,8 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         payload: dict[str, Any] = {"smoke": True, "load_average_start": start_load, "identity": identity}
         path = write_result("proxy_overhead_smoke", payload, args.results_dir)
     else:
+        native = shutil.which("nginx") is not None and not args.no_native
+        if not native:
+            print("nginx not found (or --no-native): the native-proxy floor is not measured", flush=True)
         payload = {"smoke": False, "load_average_start": start_load,
-                   "identity": run_identity([1, 16, 64], args.repeats, args.duration, 1.0, sidecar_args)}
+                   "identity": run_identity([1, 16, 64], args.repeats, args.duration, 1.0, sidecar_args,
+                                            native=native)}
         if not args.skip_efficientnet:
             payload["efficientnet"] = run_efficientnet([1, 16, 64], 1, args.efficientnet_duration, 3.0, sidecar_args)
         path = write_result("proxy_overhead", payload, args.results_dir)
