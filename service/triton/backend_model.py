@@ -19,10 +19,12 @@ combines ``F`` floats per image and runs no tensor code per request.
 
 Why the feature responses are computed here and not in the sidecar: guided
 backpropagation needs the model's forward and backward pass, which already
-happens where the model lives; the sidecar then only receives the maps as
-ordinary outputs and computes entropies, so it never needs the model weights.
-Feature maps are only computed when a request asks for them (a direct client
-that asks for ``logits`` only pays for one forward pass under ``no_grad``).
+happens where the model lives, so the sidecar never needs the model weights.
+The entropies are computed here too since that removed all tensor work from
+the proxy's request path (``benchmarks/notes.md``: 1.6–3.0× the requests/s of
+shipping the maps). Maps and entropies are only computed when a request asks
+for them (a direct client that asks for ``logits`` only pays for one forward
+pass under ``no_grad``).
 
 Why the ``ADVSENTRY_PYTHONPATH`` handling: the Python-backend stub ignores
 ``PYTHONPATH``; Triton setups that do not install advsentry into the stub's
