@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     )
     protect_all: bool = Field(
         default=True,
-        description="Also protect every upstream model whose outputs include the detector's feature outputs.",
+        description="Also protect every upstream model whose outputs include the detector's feature maps "
+        "or its entropy output.",
     )
     max_batch_size: int = Field(default=16, ge=1, description="Most images scored in one detector call.")
     max_batch_delay_ms: float = Field(
