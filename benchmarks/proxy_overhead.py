@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         if not native:
             print("nginx not found (or --no-native): the native-proxy floor is not measured", flush=True)
         payload = {"smoke": False, "load_average_start": start_load,
+                   "run_settings": {"repeats": args.repeats, "duration_s": args.duration,
+                                    "efficientnet_duration_s": args.efficientnet_duration, "native_floor": native},
                    "identity": run_identity([1, 16, 64], args.repeats, args.duration, 1.0, sidecar_args,
                                             native=native)}
         if not args.skip_efficientnet:
