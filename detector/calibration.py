@@ -38,6 +38,7 @@ from typing import Any
 from .combiner import Combiner, SingleMap, combiner_from_dict
 from .config import ConfigError, ScoreConfig
 from .models import ModelIdentity
+from .signals import FeatureConfig, SignalError, feature_differences, feature_from_dict
 
 SCHEMA = "advsentry.calibration/v1"
 _REQUIRED = (
@@ -74,7 +75,7 @@ def _checksum(document: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class CalibrationArtifact:
     threshold: float
-    features: dict[str, ScoreConfig]
+    features: dict[str, FeatureConfig]
     model: ModelIdentity
     combiner: Combiner = field(default_factory=SingleMap)
     id: str = ""
@@ -89,7 +90,7 @@ class CalibrationArtifact:
     def create(
         cls,
         threshold: float,
-        features: dict[str, ScoreConfig],
+        features: dict[str, FeatureConfig],
         model: ModelIdentity,
         combiner: Combiner | None = None,
         **extra: Any,
@@ -157,7 +158,7 @@ class CalibrationArtifact:
             order = list(document["feature_order"])
             if sorted(order) != sorted(document["features"]) or len(set(order)) != len(order):
                 raise ValueError(f"feature_order {order} does not list the features {sorted(document['features'])}")
-            features = {name: ScoreConfig.from_dict(document["features"][name]) for name in order}
+            features = {name: feature_from_dict(document["features"][name]) for name in order}
             if not features:
                 raise ValueError("no features")
             model = ModelIdentity(str(document["model"]["name"]), str(document["model"]["weights_sha256"]))
@@ -165,7 +166,7 @@ class CalibrationArtifact:
             expected = 1 if isinstance(combiner, SingleMap) else len(getattr(combiner, "weights", ()))
             if expected != len(features):
                 raise ValueError(f"combiner {combiner.kind!r} takes {expected} map(s) but {len(features)} are configured")
-        except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as error:
+        except (ConfigError, SignalError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise CalibrationError(f"{source}: invalid content: {error}") from error
         return cls(
             threshold=threshold,
@@ -192,14 +193,14 @@ class CalibrationArtifact:
             raise CalibrationError(f"{path}: not a readable JSON file ({error})") from error
         return cls.from_document(document, source=str(path))
 
-    def mismatches(self, features: dict[str, ScoreConfig], model: ModelIdentity | None) -> list[str]:
+    def mismatches(self, features: dict[str, FeatureConfig], model: ModelIdentity | None) -> list[str]:
         """What differs between this artifact and a detector's configuration (empty = compatible)."""
         problems = []
         if set(self.features) != set(features):
             problems.append(f"feature maps: artifact has {sorted(self.features)}, detector has {sorted(features)}")
         else:
             for name, config in features.items():
-                for difference in self.features[name].differences(config):
+                for difference in feature_differences(self.features[name], config):
                     problems.append(f"score config of {name!r}: {difference} (artifact != detector)")
         if model is not None and model != self.model:
             if model.name != self.model.name:

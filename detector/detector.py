@@ -27,6 +27,7 @@ from .config import PAPER_CONFIG, ScoreConfig
 from .entropy import average_local_spatial_entropy
 from .features import FeatureModel, extract_maps
 from .models import ModelIdentity, bundled_identity, load_bundled_model
+from .signals import FeatureConfig, Signal
 
 #: The Triton output name of the single-map detector.
 FEATURE_RESPONSE = "feature_response"
@@ -51,7 +52,7 @@ GENERIC_FEATURES: dict[str, ScoreConfig] = {FEATURE_RESPONSE: PAPER_CONFIG}
 ENTROPY_OUTPUT_PREFIX = "advsentry_entropy_"
 
 
-def entropy_output_name(configs: Iterable[ScoreConfig]) -> str:
+def entropy_output_name(configs: Iterable[FeatureConfig]) -> str:
     """The Triton output name of the per-map entropies ``[B, F]`` for these map configs, in this order.
 
     Why a hash in the name: a model exported for one set of maps must never be
@@ -64,20 +65,24 @@ def entropy_output_name(configs: Iterable[ScoreConfig]) -> str:
     return ENTROPY_OUTPUT_PREFIX + hashlib.sha256(document.encode()).hexdigest()[:16]
 
 
-def map_entropies(maps: Mapping[str, torch.Tensor], features: Mapping[str, ScoreConfig],
+def map_entropies(maps: Mapping[str, torch.Tensor], features: Mapping[str, FeatureConfig],
                   device: torch.device | str | None = None) -> torch.Tensor:
-    """Per-map average local spatial entropy, ``[B, F]`` in ``features`` order.
+    """Per-feature values ``[B, F]`` in ``features`` order: a map's average local spatial entropy, or a signal.
 
     Shared by :meth:`Detector.entropies` (sidecar, offline tools) and the
-    exported Triton model, so both compute exactly the same numbers.
+    exported Triton model, so both compute exactly the same numbers. (The
+    name predates the other signals; a signal's output is already its value.)
     """
     missing = [name for name in features if name not in maps]
     if missing:
         raise KeyError(f"missing feature map(s): {', '.join(missing)}")
-    columns = [
-        average_local_spatial_entropy(maps[name] if device is None else maps[name].to(device), config)
-        for name, config in features.items()
-    ]
+    columns = []
+    for name, config in features.items():
+        output = maps[name] if device is None else maps[name].to(device)
+        if isinstance(config, Signal):
+            columns.append(config.reduce(output))
+        else:
+            columns.append(average_local_spatial_entropy(output, config))
     return torch.stack(columns, dim=1)
 
 
@@ -86,7 +91,7 @@ class Detector:
 
     def __init__(
         self,
-        features: Mapping[str, ScoreConfig] | ScoreConfig | None = None,
+        features: Mapping[str, FeatureConfig] | ScoreConfig | None = None,
         *,
         combiner: Combiner | None = None,
         threshold: float | None = None,
@@ -101,7 +106,7 @@ class Detector:
             features = {FEATURE_RESPONSE: features}
         if not features:
             raise ValueError("a detector needs at least one feature map")
-        self.features: dict[str, ScoreConfig] = dict(features)
+        self.features: dict[str, FeatureConfig] = dict(features)
         self.combiner: Combiner = combiner or SingleMap()
         if isinstance(self.combiner, SingleMap) and len(self.features) != 1:
             raise ValueError("several feature maps need a fitted combiner (e.g. LogisticCombiner)")

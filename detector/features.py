@@ -4,9 +4,12 @@ A detector may read several maps of one input (guided-backprop responses seeded
 at different layers, or forward activations of intermediate layers). This
 module groups the requested maps so that forward activations are captured
 during the same forward pass as a guided backward, and each distinct backward
-seed costs one backward pass. :class:`FeatureModel` wraps it as an
-``nn.Module`` returning ``{"logits": ..., <output name>: map, ...}``: exactly
-what a Triton-hosted model returns to the sidecar.
+seed costs one backward pass. Other signals (:mod:`detector.signals`) are
+computed from the same forward pass (logits, captured activations) plus the
+extra forward passes they need, each served as ``[B, 1]``.
+:class:`FeatureModel` wraps it as an ``nn.Module`` returning
+``{"logits": ..., <output name>: map or signal, ...}``: exactly what a
+Triton-hosted model returns to the sidecar.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from .config import ScoreConfig
 from .guided import guided_responses
+from .signals import FeatureConfig, Signal, SignalContext
 
 
 def _capture_activations(model: nn.Module, layers: set[str]) -> tuple[dict[str, torch.Tensor], list]:
@@ -37,10 +41,13 @@ def _capture_activations(model: nn.Module, layers: set[str]) -> tuple[dict[str, 
 
 
 def extract_maps(
-    model: nn.Module, pixels: torch.Tensor, specs: Mapping[str, ScoreConfig]
+    model: nn.Module, pixels: torch.Tensor, features: Mapping[str, FeatureConfig]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``{output name: map}`` for every spec, and the logits, for a batch of pixels."""
+    """``{output name: map or [B, 1] signal}`` for every feature, and the logits, for a batch of pixels."""
+    specs = {name: c for name, c in features.items() if isinstance(c, ScoreConfig)}
+    signals = {name: c for name, c in features.items() if isinstance(c, Signal)}
     activation_layers = {c.layer for c in specs.values() if c.response == "activation"}
+    activation_layers |= {layer for signal in signals.values() for layer in signal.layers()}
     if None in activation_layers:
         raise ValueError("response='activation' needs an explicit layer name")
     # One forward pass per (response kind, seed kind); one backward per distinct seed layer.
@@ -70,13 +77,17 @@ def extract_maps(
     for name, config in specs.items():
         if config.response == "activation":
             maps[name] = captured[config.layer]  # type: ignore[index]
+    if signals:
+        context = SignalContext(model, pixels.detach(), logits.detach(), activations=captured)
+        for name, signal in signals.items():
+            maps[name] = signal.compute(context)
     return maps, logits.detach()
 
 
 class FeatureModel(nn.Module):
     """``pixels -> {"logits": ..., **maps}``: the model as the Triton backend serves it."""
 
-    def __init__(self, model: nn.Module, specs: Mapping[str, ScoreConfig]) -> None:
+    def __init__(self, model: nn.Module, specs: Mapping[str, FeatureConfig]) -> None:
         super().__init__()
         self.model = model
         self.specs = dict(specs)

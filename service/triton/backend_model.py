@@ -75,7 +75,8 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from detector import ScoreConfig, entropy_output_name
+        from detector import entropy_output_name
+        from detector.signals import feature_from_dict
         from detector.features import FeatureModel
 
         spec = json.loads(Path(__file__).with_name("advsentry_model.json").read_text())
@@ -83,7 +84,7 @@ class TritonPythonModel:
         self.device = torch.device(f"cuda:{args.get('model_instance_device_id', 0)}" if use_gpu else "cpu")
         self.input_name = spec["input"]
         order = spec.get("feature_order") or list(spec["features"])
-        self.features = {name: ScoreConfig.from_dict(spec["features"][name]) for name in order}
+        self.features = {name: feature_from_dict(spec["features"][name]) for name in order}
         self.model = _load_module(spec["source"], self.device)
         self.feature_model = FeatureModel(self.model, self.features)
         self.entropy_output = entropy_output_name(self.features.values())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from detector import ScoreConfig
+from detector.signals import FeatureConfig
 
 PIXELS_INPUT = "pixels"
 LOGITS_OUTPUT = "logits"
@@ -99,13 +100,14 @@ def _instantiate(source: ModelSource):
 
 
 def probe_model(
-    model, features: Mapping[str, ScoreConfig], image_size: int
+    model, features: Mapping[str, FeatureConfig], image_size: int
 ) -> tuple[int, dict[str, tuple[int, ...]]]:
     """Run the feature model once: (number of classes, per-item shape of each map). Raises :class:`ExportError`."""
     import torch
 
     from detector import UnsupportedModelError
     from detector.features import FeatureModel
+    from detector.signals import Signal
 
     pixels = torch.full((1, 3, image_size, image_size), 0.5)
     try:
@@ -116,9 +118,11 @@ def probe_model(
     if logits.dim() != 2:
         raise ExportError(f"the model must return logits [B, classes], got shape {tuple(logits.shape)}")
     shapes = {}
-    for name in features:
-        if outputs[name].dim() not in (3, 4):
-            raise ExportError(f"feature map {name!r} has shape {tuple(outputs[name].shape)}, expected [1, C, H, W] or [1, H, W]")
+    for name, config in features.items():
+        expected = (2,) if isinstance(config, Signal) else (3, 4)
+        if outputs[name].dim() not in expected:
+            what = "[1, 1]" if isinstance(config, Signal) else "[1, C, H, W] or [1, H, W]"
+            raise ExportError(f"feature {name!r} has shape {tuple(outputs[name].shape)}, expected {what}")
         shapes[name] = tuple(int(d) for d in outputs[name].shape[1:])
     return int(logits.shape[1]), shapes
 
@@ -163,7 +167,7 @@ def export_model_repository(
     *,
     model_name: str = "efficientnet-lite0",
     source: ModelSource | None = None,
-    features: Mapping[str, ScoreConfig] | None = None,
+    features: Mapping[str, FeatureConfig] | None = None,
     image_size: int = 224,
     max_batch_size: int = 8,
     instance_kind: str = "cpu",

@@ -1,0 +1,1 @@
+"""The detection study on the real-photo corpus: signals, combiner, thresholds, adaptive attack."""

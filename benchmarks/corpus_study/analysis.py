@@ -1,0 +1,115 @@
+"""Selection on the development part; threshold transfer and tables on the test part.
+
+- Each signal's dev AUC per attack, direction included (a signal that *drops*
+  under attack is as useful with its sign flipped).
+- The combined detector: greedy forward selection of signals, each step
+  keeping the one that most raises the *mean per-attack* cross-validated AUC
+  on the seen attacks (folds grouped by source, so no source is fitted and
+  validated at once), within the extra-forward-pass budget; then one fit of a
+  (quadratic) logistic combiner with every seen attack weighted equally.
+- Thresholds are fitted on dev clean scores only and carried to the test part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import GroupKFold
+
+from detector.combiner import LogisticCombiner, fit_logistic_combiner
+from detector.evaluation import auc
+from detector.signals import FeatureConfig
+
+from ..detection_study.analysis import Split
+
+
+def directional_aucs(split: Split) -> dict[str, np.ndarray]:
+    """``{attack: [F]}`` raw AUC (clean vs attack) of every column; > 0.5 = the attack raises it."""
+    return {
+        name: np.array([auc(split.clean[:, f], adv[:, f]) for f in range(split.clean.shape[1])])
+        for name, adv in split.attacks.items()
+        if len(adv)
+    }
+
+
+def _design(split: Split, attacks: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (clean first), labels, groups, attack id per row (-1 clean) and per-row weights (attacks equal)."""
+    used = [a for a in attacks if len(split.attacks.get(a, ()))]
+    x = np.vstack([split.clean, *[split.attacks[a] for a in used]])
+    y = np.r_[np.zeros(len(split.clean)), np.ones(sum(len(split.attacks[a]) for a in used))]
+    g = np.r_[split.clean_groups, *[split.attack_groups[a] for a in used]]
+    which = np.r_[np.full(len(split.clean), -1), *[np.full(len(split.attacks[a]), i) for i, a in enumerate(used)]]
+    weight = np.ones(len(y))
+    for i, a in enumerate(used):
+        weight[which == i] = 1.0 / len(split.attacks[a])
+    return x, y, g, which, weight
+
+
+def _mean_attack_auc(scores: np.ndarray, which: np.ndarray) -> float:
+    clean = scores[which == -1]
+    values = [auc(clean, scores[which == i]) for i in np.unique(which) if i >= 0]
+    return float(np.mean(values)) if values else 0.5
+
+
+def _fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray, quadratic: bool, c: float) -> LogisticCombiner:
+    return fit_logistic_combiner(x[y == 0], x[y == 1], c=c, quadratic=quadratic, adversarial_weight=weight[y == 1])
+
+
+def cv_mean_auc(x, y, groups, which, weight, *, quadratic: bool, c: float) -> float:
+    """Out-of-fold mean per-attack AUC, folds grouped by source."""
+    folds = min(5, len(np.unique(groups)))
+    scores = np.zeros(len(y))
+    for train, valid in GroupKFold(n_splits=folds).split(x, y, groups):
+        if len(np.unique(y[train])) < 2:
+            return 0.5
+        scores[valid] = _fit(x[train], y[train], weight[train], quadratic, c).combine_array(x[valid])
+    return _mean_attack_auc(scores, which)
+
+
+@dataclass
+class Selection:
+    columns: list[int]
+    combiner: LogisticCombiner
+    cv_auc: float
+    history: list[tuple[str, float]]
+    cost: float
+
+    def score(self, bank: np.ndarray) -> np.ndarray:
+        return self.combiner.combine_array(bank[:, self.columns])
+
+
+def select_combined(
+    split: Split,
+    names: Sequence[str],
+    configs: Mapping[str, FeatureConfig],
+    attacks: Sequence[str],
+    cost: Callable[[dict[str, FeatureConfig]], float],
+    *,
+    budget: float,
+    max_features: int = 8,
+    quadratic: bool = True,
+    c: float = 1.0,
+) -> Selection:
+    """Greedy forward selection within ``budget`` extra forward passes (see module docstring)."""
+    x, y, g, which, weight = _design(split, attacks)
+    chosen: list[int] = []
+    history: list[tuple[str, float]] = []
+    best = 0.5
+    while len(chosen) < max_features:
+        trials = {}
+        for f in range(len(names)):
+            if f in chosen or cost({names[i]: configs[names[i]] for i in chosen + [f]}) > budget:
+                continue
+            trials[f] = cv_mean_auc(x[:, chosen + [f]], y, g, which, weight, quadratic=quadratic, c=c)
+        if not trials:
+            break
+        f, value = max(trials.items(), key=lambda kv: kv[1])
+        if value <= best + 1e-3:
+            break
+        chosen.append(f)
+        best = value
+        history.append((names[f], value))
+    combiner = _fit(x[:, chosen], y, weight, quadratic, c)
+    return Selection(chosen, combiner, best, history, cost({names[i]: configs[names[i]] for i in chosen}))

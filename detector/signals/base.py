@@ -1,0 +1,131 @@
+"""The ``Signal`` base class: one named scalar per input, computed where the model lives.
+
+The paper's signal is the average local spatial entropy of a feature map
+(:class:`~detector.config.ScoreConfig`, computed by :mod:`detector.entropy`).
+Everything else a detector reads about an input is a :class:`Signal`: one
+small frozen dataclass per concept (torchattacks / Foolbox style), each with
+its configuration serialized into the calibration artifact under a
+``"signal"`` discriminator, so a threshold is never applied to a signal
+computed differently.
+
+Why every signal yields ``[B, 1]`` already reduced: the exported Triton model
+computes all signals in the same call as the logits and serves them in the
+``[B, F]`` output; when the sidecar asks for the raw outputs instead (the maps
+path), a signal's output *is* its value and :meth:`Signal.reduce` only
+flattens it, so both paths give the same number.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+class SignalError(ValueError):
+    """A signal's configuration is invalid or names something the model lacks."""
+
+
+@dataclass
+class SignalContext:
+    """What signals of one batch share: the model, the pixels, the logits of the same forward pass.
+
+    ``activations`` holds the forward outputs of the layers the signals asked
+    for (captured during the forward pass that produced ``logits``), and
+    :meth:`cached` memoizes work several signals share (e.g. the logits of a
+    squeezed copy), so each extra forward pass runs once per batch.
+    """
+
+    model: nn.Module
+    pixels: torch.Tensor
+    logits: torch.Tensor
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def cached(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits of another batch through the same model (no autograd)."""
+        with torch.no_grad():
+            return self.model(pixels)
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.cached("softmax", lambda: torch.softmax(self.logits.float(), dim=1))
+
+
+_REGISTRY: dict[str, type["Signal"]] = {}
+
+
+@dataclass(frozen=True)
+class Signal(abc.ABC):
+    """A configured scalar per input. Subclasses set ``kind`` and implement :meth:`values`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
+                raise TypeError(f"signal kind {cls.kind!r} registered twice")
+            _REGISTRY[cls.kind] = cls
+
+    def layers(self) -> set[str]:
+        """Modules whose forward outputs this signal reads (captured during the main forward pass)."""
+        return set()
+
+    @abc.abstractmethod
+    def values(self, context: SignalContext) -> torch.Tensor:
+        """``[B]`` float values for the batch in ``context``."""
+
+    def compute(self, context: SignalContext) -> torch.Tensor:
+        """``[B, 1]``: the served output (see the module docstring for why it is already reduced)."""
+        with torch.no_grad():
+            return self.values(context).float().reshape(-1, 1)
+
+    @staticmethod
+    def reduce(output: torch.Tensor) -> torch.Tensor:
+        """``[B]`` from the served ``[B, 1]`` output."""
+        return output.reshape(output.shape[0], -1)[:, 0].float()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"signal": self.kind, **dataclasses.asdict(self)}
+
+    def differences(self, other: Any) -> list[str]:
+        if not isinstance(other, Signal) or other.kind != self.kind:
+            return [f"signal: {self.kind!r} != {getattr(other, 'kind', 'entropy')!r}"]
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+    def replace(self, **changes: Any) -> "Signal":
+        return dataclasses.replace(self, **changes)
+
+
+def signal_kinds() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def signal_from_dict(data: dict[str, Any]) -> Signal:
+    data = dict(data)
+    kind = data.pop("signal", None)
+    cls = _REGISTRY.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise SignalError(f"unknown signal {kind!r} (known: {', '.join(signal_kinds())})")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SignalError(f"signal {kind!r}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except TypeError as error:
+        raise SignalError(f"signal {kind!r}: {error}") from error
