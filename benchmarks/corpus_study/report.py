@@ -64,6 +64,18 @@ def markdown(results: dict[str, Any]) -> str:
             t = results["threshold_transfer"][n]
             lines.append(f"| {label} | {_cell(t['0.01'])} | {_cell(t['0.05'])} |")
     lines.append("")
+    fooling = results.get("fooling")
+    if fooling:
+        confidence = sorted(fooling["target_confidence"])
+        lines += ["## Fooling images (CPPN, Nguyen et al. 2015)", "",
+                  f"{fooling['images']} images evolved towards random classes (20 generations, population 8 on 2 CPU cores); "
+                  f"wanted-class confidence median {confidence[len(confidence) // 2]:.3f}, max {confidence[-1]:.3f}. "
+                  "Share flagged at the dev-fitted thresholds:", "",
+                  "| detector | at 1 % FPR threshold | at 5 % FPR threshold |", "|---|---|---|"]
+        for n, label in DETECTORS:
+            if n in fooling["flagged"]:
+                lines.append(f"| {label} | {fooling['flagged'][n]['0.01']:.2f} | {fooling['flagged'][n]['0.05']:.2f} |")
+        lines.append("")
     adaptive = results.get("adaptive")
     if adaptive:
         lines += ["## Adaptive attack (white box, knows the whole detector)", "", adaptive["method"], "",

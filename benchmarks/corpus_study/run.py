@@ -38,18 +38,19 @@ LOGGER = logging.getLogger("corpus_study")
 @dataclass(frozen=True)
 class StudySettings:
     seed: int = 0
-    dev_images: int = 160
-    test_images: int = 160
+    dev_images: int = 300
+    test_images: int = 300
     attack_batch: int = 16
     bank_batch: int = 16
     budget: float = 2.5  # extra forward passes a detector may cost (goal: ≤ 4× a forward in all)
     n_boot: int = 1000
-    adaptive_images: int = 48
+    adaptive_images: int = 24
+    fooling_images: int = 8
     smoke: bool = False
 
     @classmethod
     def smoke_settings(cls) -> "StudySettings":
-        return cls(attack_batch=8, bank_batch=8, n_boot=50, adaptive_images=1, smoke=True)
+        return cls(attack_batch=8, bank_batch=8, n_boot=50, adaptive_images=1, fooling_images=1, smoke=True)
 
 
 def load_surrogate(name: str) -> torch.nn.Module:
@@ -152,7 +153,7 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     cache = cache_dir / ("smoke" if settings.smoke else "full")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    data_key = _key("data", asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None}, _corpus_digest(settings))
+    data_key = _key("data", asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None, "fooling_images": None}, _corpus_digest(settings))
     if settings.smoke:
         parts, data_info = smoke_parts(model, settings.seed)
     else:
@@ -249,7 +250,25 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         },
         "test": tables,
         "threshold_transfer": transfer,
+        "fooling": results_fooling,
     }
+    # ---- fooling images (Nguyen et al. 2015): no clean counterpart; are they flagged? ----------
+    if settings.fooling_images:
+        def evolve() -> dict[str, Any]:
+            targets = torch.randperm(1000, generator=torch.Generator().manual_seed(settings.seed))[: settings.fooling_images]
+            attack = make_attack("fooling_cppn", model, seed=settings.seed, quantize=True, population=8,
+                                 max_generations=2 if settings.smoke else 20, confidence=0.99)
+            result = attack(torch.zeros(len(targets), 3, 224, 224), targets)
+            return {"pixels": result.adversarial, "confidence": result.target_confidence}
+
+        fooling = _cached(cache / f"fooling-{_key(settings.seed, settings.fooling_images, settings.smoke)}.pt", evolve)
+        fooling_bank = np.stack([signal_bank(model, fooling["pixels"], {f: pool[f]}, settings.bank_batch)[:, 0] for f in names], axis=1)
+        results_fooling = {"images": len(fooling_bank), "target_confidence": [float(c) for c in fooling["confidence"]],
+                           "flagged": {name: {f"{t:g}": float(np.mean(fn(fooling_bank) > transfer[name][f"{t:g}"]["threshold"]))
+                                              for t in (0.01, 0.05)} for name, fn in detectors.items()}}
+    else:
+        results_fooling = None
+
     artifact = CalibrationArtifact.create(
         transfer["chosen"]["0.05"]["threshold"], {names[c]: pool[names[c]] for c in chosen.columns}, bundled_identity(),
         chosen.combiner, target_fpr=0.05,

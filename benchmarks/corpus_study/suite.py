@@ -25,9 +25,9 @@ class AttackSet:
 
 
 FULL_SUITE: tuple[AttackSet, ...] = (
-    AttackSet("fgsm_2", "fgsm", {"eps": 2 / 255}, label="FGSM ε=2/255", paper=True),
-    AttackSet("fgsm_8", "fgsm", {"eps": 8 / 255}, label="FGSM ε=8/255", paper=True),
-    AttackSet("gradient_l2", "gradient_l2", {"eps": 2.0}, label="gradient (L2 step 2.0)", paper=True),
+    AttackSet("fgsm_2", "fgsm", {"eps": 2 / 255}, cap=160, label="FGSM ε=2/255", paper=True),
+    AttackSet("fgsm_8", "fgsm", {"eps": 8 / 255}, cap=160, label="FGSM ε=8/255", paper=True),
+    AttackSet("gradient_l2", "gradient_l2", {"eps": 2.0}, cap=160, label="gradient (L2 step 2.0)", paper=True),
     AttackSet("pgd_linf_2", "pgd_linf", {"eps": 2 / 255, "alpha": 0.5 / 255, "steps": 10}, cap=60, label="PGD L∞ ε=2/255"),
     AttackSet("pgd_linf_4", "pgd_linf", {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}, cap=60, label="PGD L∞ ε=4/255"),
     AttackSet("deepfool", "deepfool", {"steps": 50, "overshoot": 0.02, "candidates": 10}, cap=40, label="DeepFool", paper=True),
@@ -41,7 +41,7 @@ FULL_SUITE: tuple[AttackSet, ...] = (
 )
 
 SMOKE_SUITE: tuple[AttackSet, ...] = (
-    AttackSet("fgsm_8", "fgsm", {"eps": 8 / 255}, label="FGSM ε=8/255", paper=True),
+    AttackSet("fgsm_8", "fgsm", {"eps": 8 / 255}, cap=160, label="FGSM ε=8/255", paper=True),
     AttackSet("pgd_linf_2", "pgd_linf", {"eps": 2 / 255, "alpha": 1 / 255, "steps": 2}, label="PGD L∞ ε=2/255"),
 )
 
