@@ -48,6 +48,21 @@ DEFAULT_COMBINER: Combiner = DEFAULT_ARTIFACT.combiner
 GENERIC_FEATURES: dict[str, ScoreConfig] = {FEATURE_RESPONSE: PAPER_CONFIG}
 
 
+#: Detectors shipped by name (``Detector.named``, ``advsentry score --calibration NAME``,
+#: ``advsentry calibrate run --detector NAME``): the product default; the first
+#: study's five entropies (9 photos, the default before the corpus study); and
+#: ``paper``, the paper's single map (no shipped threshold: calibrate it).
+NAMED_ARTIFACTS: dict[str, Path] = {
+    "default": DEFAULT_ARTIFACT_PATH,
+    "entropy-9photo": DEFAULT_ARTIFACT_PATH.with_name("entropy_9photo_detector.json"),
+}
+
+
+def resolve_artifact(spec: str | Path) -> Path:
+    """A shipped detector's name, or an artifact path."""
+    return NAMED_ARTIFACTS.get(str(spec), Path(spec))
+
+
 #: Prefix of the Triton output that carries per-map entropies computed inside Triton.
 ENTROPY_OUTPUT_PREFIX = "advsentry_entropy_"
 
@@ -128,6 +143,16 @@ class Detector:
         detector = cls(model=model, model_identity=bundled_identity(), device=device)
         detector.apply_calibration(DEFAULT_ARTIFACT, source=str(DEFAULT_ARTIFACT_PATH))
         return detector
+
+    @classmethod
+    def named(cls, name: str, device: str | torch.device = "cpu", *, load_model: bool = False) -> "Detector":
+        """A shipped detector on the bundled model: ``default``, ``entropy-9photo`` or ``paper`` (no threshold)."""
+        model = load_bundled_model(device) if load_model else None
+        if name == "paper":
+            return cls(GENERIC_FEATURES, model=model, model_identity=bundled_identity(), device=device)
+        if name not in NAMED_ARTIFACTS:
+            raise KeyError(f"unknown detector {name!r}; shipped: {', '.join([*NAMED_ARTIFACTS, 'paper'])}")
+        return cls.from_artifact(NAMED_ARTIFACTS[name], model=model, model_identity=bundled_identity(), device=device)
 
     @classmethod
     def from_artifact(

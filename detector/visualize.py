@@ -12,14 +12,19 @@ from .entropy import gray_levels, local_entropy_map
 
 
 def save_response_figure(
-    path: Path, pixels: torch.Tensor, maps: Mapping[str, torch.Tensor], configs: Mapping[str, ScoreConfig]
+    path: Path, pixels: torch.Tensor, maps: Mapping[str, torch.Tensor], configs: Mapping[str, object]
 ) -> Path:
-    """Write one PNG: the input, then per map its gray-level image and its local entropy map."""
+    """Write one PNG: the input, then per entropy map its gray-level image and its local entropy map.
+
+    Scalar signals (logit margin, squeezing, ...) have no map to draw; their
+    values are in the score output instead.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    maps = {name: feature for name, feature in maps.items() if isinstance(configs.get(name), ScoreConfig)}
     columns = 1 + 2 * len(maps)
     figure, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.4))
     axes[0].imshow(pixels.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
@@ -27,6 +32,7 @@ def save_response_figure(
     column = 1
     for name, feature in maps.items():
         config = configs[name]
+        assert isinstance(config, ScoreConfig)
         levels = gray_levels(feature.unsqueeze(0).detach().cpu().float(), config)
         entropy = local_entropy_map(levels, config)[0]
         axes[column].imshow(levels[0].numpy(), cmap="gray", vmin=0, vmax=config.levels - 1)

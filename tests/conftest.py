@@ -10,6 +10,23 @@ import torch
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_installed_corpus(tmp_path_factory):
+    """Point ``ADVSENTRY_CORPUS_DIR`` at an empty folder for the whole session.
+
+    Why: without it, whether a real-photo corpus happens to be installed on
+    the machine (``~/.cache/advsentry/corpus``) would change which clean
+    images calibration jobs use, and so their results. Session scope, so
+    that module- and session-scoped fixtures (which run before function-scoped
+    ones) see it too. A test that wants a corpus opts in with
+    ``monkeypatch.setenv("ADVSENTRY_CORPUS_DIR", ...)`` (undone after the test)
+    or passes the folder explicitly.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADVSENTRY_CORPUS_DIR", str(tmp_path_factory.mktemp("no-corpus")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def bundled_model():
     from detector.models import load_bundled_model

@@ -109,3 +109,37 @@ def test_detection_study_smoke(tmp_path):
     main(["--smoke", "--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")])
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["dev_selection"] == results["dev_selection"]
+
+
+@pytest.mark.slow
+def test_corpus_study_smoke(tmp_path):
+    """The corpus study's pipeline on bundled crops: attacks, signal banks, selection, tables, transfer, fooling, adaptive."""
+    from benchmarks.corpus_study.__main__ import main
+    from detector import CalibrationArtifact, Detector
+
+    main(["--smoke", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["data"]["dev"]["images"] > 0 and results["data"]["test"]["images"] > 0
+    chosen = results["selection"]["chosen"]
+    assert chosen["features"] and chosen["extra_forwards"] <= results["settings"]["budget"]
+    assert set(results["test"]) >= {"paper", "feature_squeezing", "best_single", "chosen", "first_study_default"}
+    for table in results["test"].values():
+        for row in table.values():
+            assert 0.0 <= row["auc"]["value"] <= 1.0 or row["adversarial"] == 0
+    for targets in results["threshold_transfer"].values():
+        for row in targets.values():
+            assert 0.0 <= row["low"] <= row["value"] <= row["high"] <= 1.0 and row["n"] == results["data"]["test"]["images"]
+    rows = results["adaptive"]["rows"]
+    assert {(r["eps_255"], r["weight"]) for r in rows} == {(e, w) for e in (2, 4, 8) for w in (0.0, 1.0, 10.0)}
+    assert all(0.0 <= r["correct_or_flagged"] <= 1.0 for r in rows)
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "## Threshold transfer" in markdown and "## Adaptive attack" in markdown
+    # The chosen detector is an artifact the product loads, with the signals it selected.
+    artifact = CalibrationArtifact.load(tmp_path / "out" / "default_detector.json")
+    assert list(artifact.features) == chosen["features"]
+    detector = Detector.from_artifact(tmp_path / "out" / "default_detector.json")
+    assert detector.threshold == artifact.threshold
+    # A rerun finds everything in the cache and makes the same choice.
+    main(["--smoke", "--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["selection"] == results["selection"]

@@ -43,6 +43,9 @@ def test_score_json_with_calibration_and_maps(tmp_path):
         assert record["calibration"].startswith("cal-")
         figure = Image.open(record["maps"])
         assert figure.size[0] > figure.size[1] > 100
+        # each signal's value and share: the shares and the combiner's bias add up to the score
+        assert list(record["signals"]) == list(DEFAULT_FEATURES)
+        assert sum(record["contributions"].values()) + DEFAULT_COMBINER.bias == pytest.approx(record["score"], abs=1e-4)
 
 
 def test_missing_unreadable_and_wrong_mode_files_exit_3(tmp_path):

@@ -198,3 +198,19 @@ def test_numpy_combiners_equal_the_torch_ones():
         logistic.combine_array(entropies[:, :2].numpy())
     with pytest.raises(ValueError, match="exactly one"):
         SingleMap().combine_array(entropies.numpy())
+
+
+def test_shipped_detectors_by_name():
+    from detector.detector import NAMED_ARTIFACTS, resolve_artifact
+
+    default = Detector.named("default")
+    assert default.features == Detector.default().features and default.threshold == Detector.default().threshold
+    previous = Detector.named("entropy-9photo")
+    assert len(previous.features) == 5 and all(isinstance(c, ScoreConfig) for c in previous.features.values())
+    assert previous.threshold is not None
+    paper = Detector.named("paper")
+    assert list(paper.features.values()) == [ScoreConfig()] and paper.threshold is None
+    assert resolve_artifact("entropy-9photo") == NAMED_ARTIFACTS["entropy-9photo"]
+    assert str(resolve_artifact("some/cal.json")) == "some/cal.json"
+    with pytest.raises(KeyError, match="shipped"):
+        Detector.named("nope")

@@ -15,6 +15,12 @@
   images only when the combiner was fitted on adversarials, of all images
   otherwise, since then no adversarial took part in any fit); and the TPR at
   each threshold in force.
+- Honest intervals (:mod:`.intervals`): the held-out FPR and the TPR at each
+  threshold get exact Clopper–Pearson 95 % intervals (``*_interval``), and
+  the AUC a bootstrap over *sources* (``auc_by_source``), labelled "not
+  meaningful" with fewer than 10 sources on a side. The image-level bootstrap
+  intervals of ``detection`` are kept for compatibility; with few sources they
+  are too narrow, which is why the report shows the others.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 from detector.combiner import Combiner, fit_logistic_combiner
 from detector.evaluation import FPR_POINTS, evaluate, threshold_at_fpr
 
+from .intervals import cluster_auc, rate_interval
 from .spec import AttackSpec, JobConfig
 
 
@@ -118,6 +125,7 @@ class Calibration:
     per_attack: dict[str, dict[str, Any]]
     counts: dict[str, int]
     scores: dict[str, np.ndarray]  # "clean_fit", "clean_holdout", and per attack label (evaluated positives)
+    sources: dict[str, int] = field(default_factory=dict)  # "fit", "holdout": distinct sources of the selected clean images
 
 
 def _score(combiner: Combiner, entropies: np.ndarray) -> np.ndarray:
@@ -131,8 +139,16 @@ def calibrate(
     clean_holdout: np.ndarray,
     banks: dict[str, AttackBank],
     holdout_of: np.ndarray,
+    *,
+    clean_groups: np.ndarray | None = None,
+    group_of: np.ndarray | None = None,
 ) -> Calibration:
-    """Fit (combiner and) thresholds and evaluate; ``clean_holdout``/``holdout_of`` flag held-out rows / candidates."""
+    """Fit (combiner and) thresholds and evaluate; ``clean_holdout``/``holdout_of`` flag held-out rows / candidates.
+
+    ``clean_groups`` (the source of each clean row) and ``group_of`` (the
+    source of each candidate, for the adversarials) drive the by-source AUC
+    interval; without them every image counts as its own source.
+    """
     fit_rows = clean_entropies[~clean_holdout]
     held_rows = clean_entropies[clean_holdout]
     if len(fit_rows) == 0 or len(held_rows) == 0:
@@ -140,6 +156,11 @@ def calibrate(
             f"need selected clean images in both splits (fit {len(fit_rows)}, held-out {len(held_rows)}); "
             "add images or lower --min-confidence"
         )
+    if clean_groups is None:
+        clean_groups = np.arange(len(clean_entropies))
+    if group_of is None:
+        group_of = np.arange(len(holdout_of))
+    held_groups = np.asarray(clean_groups)[clean_holdout]
     if config.refit_combiner:
         positives = [b.entropies[~holdout_of[b.success_indices]] for b in banks.values() if len(b.entropies)]
         positives = np.vstack(positives) if positives else np.zeros((0, clean_entropies.shape[1]))
@@ -154,6 +175,8 @@ def calibrate(
             "held_out_fpr": float(np.mean(held_scores > t)),
             "held_out_false_positives": int(np.sum(held_scores > t)),
             "held_out_clean": int(len(held_scores)),
+            "held_out_sources": int(len(np.unique(held_groups))),
+            "held_out_fpr_interval": rate_interval(int(np.sum(held_scores > t)), len(held_scores)),
         }
         for f, t in zip(config.target_fprs, thresholds)
     ]
@@ -161,16 +184,25 @@ def calibrate(
     scores: dict[str, np.ndarray] = {"clean_fit": fit_scores, "clean_holdout": held_scores}
     for label, bank in banks.items():
         rows = bank.entropies
+        origins = bank.success_indices
         if config.refit_combiner:
-            rows = rows[holdout_of[bank.success_indices]]
+            keep = holdout_of[bank.success_indices]
+            rows, origins = rows[keep], origins[keep]
         positives = _score(combiner, rows) if len(rows) else np.zeros(0)
         scores[label] = positives
         summary = attack_summary(bank)
         summary["evaluated_positives"] = "held-out images" if config.refit_combiner else "all images"
         summary["detection"] = evaluate(held_scores, positives, fprs=FPR_POINTS, n_boot=config.n_boot, seed=config.seed).to_dict()
+        summary["detection"]["interval_method"] = "bootstrap over images (too narrow with few sources; see auc_by_source)"
+        summary["auc_by_source"] = cluster_auc(held_scores, positives, held_groups, np.asarray(group_of)[origins],
+                                               n_boot=config.n_boot, seed=config.seed)
         summary["tpr_at_threshold"] = {
             f"{p['target_fpr']:g}": (float(np.mean(positives > p["threshold"])) if len(positives) else None) for p in points
         }
+        summary["tpr_at_threshold_interval"] = {
+            f"{p['target_fpr']:g}": rate_interval(int(np.sum(positives > p["threshold"])), len(positives)) for p in points
+        }
         per_attack[label] = summary
     counts = {"clean_fit": int(len(fit_rows)), "clean_holdout": int(len(held_rows))}
-    return Calibration(combiner, thresholds[0], points, per_attack, counts, scores)
+    sources = {"fit": int(len(np.unique(np.asarray(clean_groups)[~clean_holdout]))), "holdout": int(len(np.unique(held_groups)))}
+    return Calibration(combiner, thresholds[0], points, per_attack, counts, scores, sources)

@@ -34,6 +34,7 @@ from .data import plan_clean_images
 from .fit import AttackBank, Calibration, calibrate, concat_attack
 from .spec import AttackSpec, JobConfig, JobConfigError, digest
 from .store import WorkDir, WorkDirError
+from .sufficiency import SampleSize
 from .triton_query import TritonEndpoint
 
 LOGGER = logging.getLogger("advsentry.calibrate")
@@ -96,6 +97,7 @@ class CalibrationJob:
         self.features, self.combiner = detector_config(config.detector)
         self._identity = identity
         self._runtime: stages.Runtime | None = None
+        self.sample_size: SampleSize | None = None  # set by finalize()
 
     # ---- models, identity and unit keys ---------------------------------------------------------
 
@@ -145,6 +147,18 @@ class CalibrationJob:
     def job_document(self, shard: tuple[int, int]) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "identity": self.identity.to_dict(), "shard": f"{shard[0]}/{shard[1]}",
                 "chunks": self.plan.n_chunks, "clean_key": self.clean_key}
+
+    def candidate_sample_size(self) -> SampleSize:
+        """Counts before any model runs: candidates and sources per split (upper bounds on what is used)."""
+        plan = self.plan
+        holdout = [plan.is_holdout(i) for i in range(len(plan.candidates))]
+        groups = [c.group for c in plan.candidates]
+        return SampleSize(
+            clean_fit=holdout.count(False), clean_holdout=holdout.count(True),
+            sources_fit=len({g for g, h in zip(groups, holdout) if not h}),
+            sources_holdout=len({g for g, h in zip(groups, holdout) if h}),
+            target_fpr=self.config.target_fprs[0], stage="candidates",
+        )
 
     # ---- running ----------------------------------------------------------------------------------
 
@@ -236,13 +250,22 @@ class CalibrationJob:
         holdout_of = np.array([self.plan.is_holdout(i) for i in range(len(self.plan.candidates))], dtype=bool)
         banks = {spec.label: concat_attack(spec, attack_units[spec.label][0], features, attack_units[spec.label][1])
                  for spec in self.config.attacks}
-        result = calibrate(self.config, self.combiner, entropies, holdout_of[selected], banks, holdout_of)
+        _, group_of = np.unique([c.group for c in self.plan.candidates], return_inverse=True)
+        result = calibrate(self.config, self.combiner, entropies, holdout_of[selected], banks, holdout_of,
+                           clean_groups=group_of[selected], group_of=group_of)
+        self.sample_size = SampleSize(
+            clean_fit=result.counts["clean_fit"], clean_holdout=result.counts["clean_holdout"],
+            sources_fit=result.sources["fit"], sources_holdout=result.sources["holdout"],
+            target_fpr=self.config.target_fprs[0],
+            adversarial_per_attack={label: int(len(result.scores[label])) for label in banks},
+        )
         data = dict(self.plan.description)
         data.update(
             selected=int(len(selected)),
             clean_fit=result.counts["clean_fit"],
             clean_held_out=result.counts["clean_holdout"],
             labels="the model's own top-1 class on the clean image (kept when its probability >= min_confidence)",
+            sample_size=self.sample_size.to_dict(),
         )
         results = {
             "operating_points": result.operating_points,

@@ -1,6 +1,9 @@
 """The calibration report: one self-contained HTML file (figures embedded as base64 PNGs).
 
-Sections: operating points (target vs held-out FPR), the per-attack table,
+Sections: a red banner when the sample is below the minimums
+(:mod:`.sufficiency`), the sample size, operating points (target vs held-out
+FPR with its exact interval), the per-attack table (AUC with its by-source
+interval or "not meaningful", TPR at the threshold with its exact interval),
 ROC curves per attack, clean vs adversarial score histograms with the
 threshold, a grid of examples (input, perturbation, feature response,
 local entropy map; clean and adversarial), and the settings used. Also
@@ -137,8 +140,41 @@ def _interval(entry: dict[str, Any] | None) -> str:
     return f"{entry['value']:.3f} [{_fmt(entry.get('low'))}, {_fmt(entry.get('high'))}]"
 
 
+def auc_text(attack: dict[str, Any]) -> str:
+    """AUC with its by-source interval, or "(not meaningful: N sources)" (older artifacts: the image bootstrap)."""
+    by_source = attack.get("auc_by_source")
+    if not by_source:
+        return _interval(attack["detection"]["auc"])
+    if by_source.get("value") is None:
+        return "–"
+    if not by_source.get("meaningful"):
+        return f"{by_source['value']:.3f} ({by_source.get('note')})"
+    return _interval(by_source)
+
+
+def rate_text(entry: dict[str, Any] | None) -> str:
+    """``0.050 [0.024, 0.090] (10/200)``: a rate with its exact interval and counts."""
+    if not entry or entry.get("value") is None:
+        return "–"
+    return f"{_interval(entry)} ({entry['k']}/{entry['n']})"
+
+
+def held_out_fpr_text(point: dict[str, Any]) -> str:
+    if point.get("held_out_fpr_interval"):
+        return rate_text(point["held_out_fpr_interval"])
+    return f"{point['held_out_fpr']:.3f} ({point['held_out_false_positives']}/{point['held_out_clean']})"
+
+
+def _tpr_at_fpr_text(detection: dict[str, Any], key: str) -> str:
+    """TPR at an FPR point; flagged when the held-out split has fewer than 1/FPR clean images (no such threshold exists)."""
+    text = _interval(detection["tpr"].get(key))
+    if text != "–" and detection.get("clean", 0) * float(key) < 1:
+        text += f" (n={detection['clean']} < 1/FPR)"
+    return text
+
+
 TABLE_COLUMNS = ("attack", "scenario", "attacked", "success", "L∞·255 / L2 / L0 (median)", "queries/img",
-                 "positives", "AUC", "TPR@1%", "TPR@5%", "TPR@10%", "TPR @ threshold")
+                 "positives", "AUC [by source]", "TPR@1%", "TPR@5%", "TPR@10%", "TPR @ threshold [exact]")
 
 
 def table_rows(artifact: CalibrationArtifact) -> list[list[str]]:
@@ -156,9 +192,10 @@ def table_rows(artifact: CalibrationArtifact) -> list[list[str]]:
         queries = "–" if a.get("queries_mean") is None else f"{a['queries_mean']:.0f} (total {a['queries_total']})"
         rows.append([
             label + (" (targeted)" if a["targeted"] else ""), a["scenario"], str(a["attacked"]), success, size, queries,
-            str(detection["adversarial"]), _interval(detection["auc"]),
-            *[_interval(detection["tpr"].get(key)) for key in ("0.01", "0.05", "0.1")],
-            _fmt(a["tpr_at_threshold"].get(primary)),
+            str(detection["adversarial"]), auc_text(a),
+            *[_tpr_at_fpr_text(detection, key) for key in FPR_KEYS],
+            rate_text(a["tpr_at_threshold_interval"].get(primary)) if a.get("tpr_at_threshold_interval")
+            else _fmt(a["tpr_at_threshold"].get(primary)),
         ])
     return rows
 
@@ -166,10 +203,12 @@ def table_rows(artifact: CalibrationArtifact) -> list[list[str]]:
 def markdown_table(artifact: CalibrationArtifact) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(artifact)]
-    lines += ["", "| target FPR | threshold | FPR on fit split | held-out FPR |", "|---|---|---|---|"]
+    lines += ["", "| target FPR | threshold | FPR on fit split | held-out FPR [exact 95 %] |", "|---|---|---|---|"]
     for p in artifact.results["operating_points"]:
-        lines.append(f"| {p['target_fpr']:g} | {p['threshold']:.6f} | {p['fit_fpr']:.3f} | "
-                     f"{p['held_out_fpr']:.3f} ({p['held_out_false_positives']}/{p['held_out_clean']}) |")
+        lines.append(f"| {p['target_fpr']:g} | {p['threshold']:.6f} | {p['fit_fpr']:.3f} | {held_out_fpr_text(p)} |")
+    warning = (artifact.data.get("sample_size") or {}).get("warning")
+    if warning:
+        lines = ["> **WARNING** " + " ".join(warning.splitlines()), "", *lines]
     return "\n".join(lines) + "\n"
 
 
@@ -185,15 +224,42 @@ table { border-collapse: collapse; margin: 1em 0; font-size: 13px }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top }
 th { background: #f3f3f3 } pre { background: #f7f7f7; padding: 1em; font-size: 12px; overflow-x: auto }
 img { max-width: 100%; } .note { color: #555; font-size: 13px }
+.insufficient { background: #b00020; color: #fff; padding: 1em 1.5em; border-radius: 4px; margin: 1em 0 }
+.insufficient h2 { margin-top: 0 } .insufficient pre { background: transparent; color: #fff; padding: 0; white-space: pre-wrap }
 """
+
+
+def sample_size_banner(artifact: CalibrationArtifact) -> str:
+    """The red banner at the top of the report when the sample is below the minimums ("" otherwise)."""
+    size = artifact.data.get("sample_size") or {}
+    if size.get("sufficient", True) or not size.get("warning"):
+        return ""
+    return ("<div class='insufficient' id='insufficient-sample'><h2>Warning: sample too small to trust this threshold</h2>"
+            f"<pre>{html.escape(size['warning'])}</pre></div>")
+
+
+def sample_size_table(artifact: CalibrationArtifact) -> str:
+    size = artifact.data.get("sample_size")
+    if not size:
+        return ""
+    required = size.get("required", {})
+    rows = [[name, str(size.get(key)), str(required.get(key, "–")), "ok" if size.get(key, 0) >= required.get(key, 0) else "TOO FEW"]
+            for name, key in (("clean images, held-out", "clean_holdout"), ("sources, held-out", "sources_holdout"),
+                              ("clean images, fit", "clean_fit"), ("sources, fit", "sources_fit"))]
+    minimum = size.get("min_adversarial_per_attack", 0)
+    rows += [[f"successful adversarials, {label}", str(n), f"{minimum} (advisory)", "ok" if n >= minimum else "few"]
+             for label, n in size.get("adversarial_per_attack", {}).items()]
+    return ("<h2>Sample size</h2><p class='note'>Minimums for a threshold at the target FPR in force (why: "
+            "README, \"Calibration\"). Sources are photos, files or corpus sources: the split and the AUC interval "
+            "resample whole sources.</p>" + _html_table(["", "used", "minimum", ""], rows))
 
 
 def write_report(path: str | Path, artifact: CalibrationArtifact, result: Calibration, banks: dict[str, AttackBank]) -> Path:
     """Write the HTML report next to (and describing) ``artifact``."""
     labels = list(banks)
     points = [
-        [f"{p['target_fpr']:g}", f"{p['threshold']:.6f}", f"{p['fit_fpr']:.3f}",
-         f"{p['held_out_fpr']:.3f} ({p['held_out_false_positives']}/{p['held_out_clean']})"]
+        [f"{p['target_fpr']:g}", f"{p['threshold']:.6f}", f"{p['fit_fpr']:.3f}", held_out_fpr_text(p),
+         str(p.get("held_out_sources", "–"))]
         for p in artifact.results["operating_points"]
     ]
     settings = {
@@ -209,16 +275,22 @@ def write_report(path: str | Path, artifact: CalibrationArtifact, result: Calibr
         f"<!doctype html><html><head><meta charset='utf-8'><title>advsentry calibration {html.escape(artifact.id)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>advsentry calibration <code>{html.escape(artifact.id)}</code></h1>",
+        sample_size_banner(artifact),
         f"<p class='note'>model {html.escape(artifact.model.name)} (weights sha256 {html.escape(artifact.model.weights_sha256[:16])}…), "
         f"created {html.escape(artifact.created_at)}; threshold in force <b>{artifact.threshold:.6f}</b> "
         f"for target FPR {artifact.target_fpr:g}. Clean images: {artifact.data.get('selected')} selected "
         f"({artifact.data.get('clean_fit')} fit, {artifact.data.get('clean_held_out')} held-out) of "
-        f"{artifact.data.get('candidates')} candidates from {artifact.data.get('sources')} sources.</p>",
+        f"{artifact.data.get('candidates')} candidates from {artifact.data.get('sources')} sources; origin: "
+        f"{html.escape(str(artifact.data.get('origin')))}.</p>",
+        sample_size_table(artifact),
         "<h2>Operating points</h2><p class='note'>Threshold fitted on the fit split's clean scores; "
-        "FPR measured on the held-out split's clean images.</p>",
-        _html_table(["target FPR", "threshold", "FPR on fit split", "held-out FPR (false positives / clean)"], points),
-        "<h2>Per attack</h2><p class='note'>Positives are successful adversarials only. AUC and TPR at 1/5/10 % FPR: "
-        "held-out clean vs positives, 95 % bootstrap intervals. Sizes: median over successful adversarials, L∞ in 8-bit "
+        "FPR measured on the held-out split's clean images, with its exact (Clopper–Pearson) 95 % interval.</p>",
+        _html_table(["target FPR", "threshold", "FPR on fit split", "held-out FPR [exact 95 %] (false positives / clean)",
+                     "held-out sources"], points),
+        "<h2>Per attack</h2><p class='note'>Positives are successful adversarials only; clean: the held-out split. "
+        "AUC: 95 % bootstrap interval resampling whole sources, or \"not meaningful\" with fewer than 10 sources on a "
+        "side. TPR at the threshold: exact (Clopper–Pearson) 95 % interval. TPR at 1/5/10 % FPR: bootstrap over images "
+        "(too narrow when there are few sources). Sizes: median over successful adversarials, L∞ in 8-bit "
         "gray levels, L2 in [0,1] pixel units, L0 in pixels. Queries: per attacked image (black box with probing).</p>",
         _html_table(list(TABLE_COLUMNS), table_rows(artifact)),
         "<h2>ROC curves</h2>", f"<img src='{roc_figure(result, labels)}'>",

@@ -29,9 +29,18 @@ import hashlib
 import json
 import zlib
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("white_box", "black_box_probing", "black_box_transfer", "universal")
+CLEAN_SOURCES = ("auto", "corpus", "bundled")
+#: Default cap on corpus images. Why 600: with the default half held out and the
+#: 0.3 confidence floor, it is about the smallest number that can meet the
+#: minimums (200 clean held-out images, see :mod:`.sufficiency`); the four
+#: default attacks take roughly 10-40 minutes on 2 CPU cores for it. (The corpus
+#: has about 570 dev images from 230 sources, all above the floor: about 290
+#: held-out images from 115 sources, enough; --max-images 300 is not.)
+DEFAULT_CORPUS_IMAGES = 600
 
 
 class JobConfigError(ValueError):
@@ -134,9 +143,12 @@ class JobConfig:
     surrogate: str | None = None  # transfer attacks: bundled | FILE | pkg.module:factory
     surrogate_weights: str | None = None
     # clean images
-    images: tuple[str, ...] = ()  # folders / files; empty = bundled photos
+    images: tuple[str, ...] = ()  # folders / files; empty = the corpus or the bundled photos (clean_source)
+    clean_source: str = "auto"  # without images: auto | corpus | bundled (see :meth:`resolved_clean_source`)
+    corpus: str | None = None  # corpus root; None: $ADVSENTRY_CORPUS_DIR or ~/.cache/advsentry/corpus
+    max_images: int | None = None  # cap on candidates; None: DEFAULT_CORPUS_IMAGES for the corpus, no cap otherwise
     crops_per_photo: int = 2
-    min_confidence: float | None = None  # None: 0.3 for bundled crops, 0.0 for user images
+    min_confidence: float | None = None  # None: 0.3 for bundled crops and the corpus, 0.0 for user images
     image_size: int = 224
     holdout: float = 0.5
     # attacks
@@ -159,6 +171,14 @@ class JobConfig:
             raise JobConfigError(f"holdout must be in (0, 1), got {self.holdout}")
         if self.chunk_size < 1 or self.crops_per_photo < 1:
             raise JobConfigError("chunk size and crops per photo must be positive")
+        if self.clean_source not in CLEAN_SOURCES:
+            raise JobConfigError(f"clean source must be one of {', '.join(CLEAN_SOURCES)}, got {self.clean_source!r}")
+        if self.images and self.clean_source != "auto":
+            raise JobConfigError(f"--images and --clean-source {self.clean_source} exclude each other (images are the clean source)")
+        if self.corpus and (self.images or self.clean_source == "bundled"):
+            raise JobConfigError("--corpus names the corpus to use; it makes no sense with --images or --clean-source bundled")
+        if self.max_images is not None and self.max_images < 2:
+            raise JobConfigError(f"max images must be at least 2 (one per split), got {self.max_images}")
         labels = [a.label for a in self.attacks]
         if len(set(labels)) != len(labels):
             raise JobConfigError(f"attack labels must be unique (use as=LABEL), got {labels}")
@@ -184,7 +204,38 @@ class JobConfig:
 
     @property
     def bundled_images(self) -> bool:
+        """No ``--images``: the clean images come with advsentry (the corpus or the bundled photos)."""
         return not self.images
+
+    def resolved_clean_source(self) -> str:
+        """``"files"`` (``--images``), ``"corpus"`` or ``"bundled"``: where this job's clean images come from.
+
+        ``auto`` takes the real-photo corpus only when it is installed *and* the
+        model is the bundled one: the corpus was collected and labelled for the
+        bundled ImageNet classifier, and a user's model with its own classes is
+        better served by its own ``--images``. ``corpus`` (or naming one with
+        ``corpus``) insists (an error when none is installed), ``bundled``
+        never looks for one.
+        """
+        if self.images:
+            return "files"
+        if self.clean_source == "auto" and self.corpus:
+            return "corpus"  # naming a corpus asks for it: a missing one is an error, not a silent fallback
+        if self.clean_source == "auto":
+            try:
+                from detector.corpus import corpus_installed
+            except ImportError:  # an advsentry without the corpus module: there is no corpus to use
+                return "bundled"
+            installed = corpus_installed(Path(self.corpus) if self.corpus else None)
+            return "corpus" if installed and self.model == "bundled" else "bundled"
+        return self.clean_source
+
+    @property
+    def image_cap(self) -> int | None:
+        """The cap on candidates: ``max_images``, else :data:`DEFAULT_CORPUS_IMAGES` for the corpus, else none."""
+        if self.max_images is not None:
+            return self.max_images
+        return DEFAULT_CORPUS_IMAGES if self.resolved_clean_source() == "corpus" else None
 
     @property
     def confidence_floor(self) -> float:

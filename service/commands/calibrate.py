@@ -8,6 +8,13 @@ killed run resumes where it stopped; ``--shard i/n`` computes one part and
 ``calibrate merge`` combines the parts into the artifact a single run gives.
 ``calibrate verify`` checks an artifact (schema, checksum, and optionally
 that it fits a model) the way the sidecar does before loading it.
+
+Clean images: ``--images``, else the real-photo corpus's dev part when it is
+installed (and the model is the bundled one), else the bundled photos
+(``--clean-source`` chooses explicitly). Below the documented minimum sample
+sizes the job warns loudly on stderr at its start and end and marks the
+report (``--min-samples warn``), refuses (``strict``, exit 2), or only records
+them in the artifact (``off``).
 """
 
 from __future__ import annotations
@@ -44,12 +51,26 @@ def _shard(text: str | None) -> tuple[int, int]:
 
 
 def _summary(artifact) -> str:  # type: ignore[no-untyped-def]
+    """Threshold, held-out FPR with its exact interval, and per attack the AUC (by source) and TPR at the threshold."""
+    from detector.calibrate.report import auc_text, held_out_fpr_text, rate_text
+
     lines = [f"calibration {artifact.id}: threshold {artifact.threshold:.6f} (target FPR {artifact.target_fpr})"]
+    size = artifact.data.get("sample_size") or {}
+    if size:
+        lines.append(f"  clean images: {size.get('clean_fit')} fit ({size.get('sources_fit')} sources), "
+                     f"{size.get('clean_holdout')} held-out ({size.get('sources_holdout')} sources)"
+                     + ("" if size.get("sufficient", True) else "  << BELOW THE MINIMUMS, see the warning"))
     for point in artifact.results.get("operating_points", ()):
         lines.append(
             f"  target FPR {point['target_fpr']:g}: threshold {point['threshold']:.6f}, held-out FPR "
-            f"{point['held_out_fpr']:.3f} ({point['held_out_false_positives']}/{point['held_out_clean']})"
+            f"{held_out_fpr_text(point)}"
         )
+    primary = f"{artifact.target_fpr:g}" if artifact.target_fpr is not None else None
+    for label, attack in (artifact.results.get("attacks") or {}).items():
+        if "detection" not in attack:
+            continue
+        tpr = (attack.get("tpr_at_threshold_interval") or {}).get(primary)
+        lines.append(f"  {label}: AUC {auc_text(attack)}, TPR at threshold {rate_text(tpr)}")
     return "\n".join(lines)
 
 
@@ -69,7 +90,11 @@ def run(
     score_via_triton: Annotated[bool, typer.Option("--score-via-triton", help="Labels and feature maps come from the Triton endpoint (e.g. for a TorchScript --model).")] = False,
     surrogate: Annotated[Optional[str], typer.Option(help="Surrogate model for transfer=true attacks (same forms as --model).")] = None,
     surrogate_weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory surrogate.")] = None,
-    images: Annotated[Optional[list[Path]], typer.Option("--images", help="Clean image folder or file (repeatable); default: the bundled photos.")] = None,
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="Clean image folder or file (repeatable); default: see --clean-source.")] = None,
+    clean_source: Annotated[str, typer.Option(help="Without --images: auto (the real-photo corpus's dev part when installed and the model is bundled, else the bundled photos) | corpus | bundled.")] = "auto",
+    corpus: Annotated[Optional[Path], typer.Option(help="Corpus root (default: $ADVSENTRY_CORPUS_DIR, else ~/.cache/advsentry/corpus).")] = None,
+    max_images: Annotated[Optional[int], typer.Option(min=2, help="Use at most this many clean candidates (bounds run time); default 600 from the corpus, all otherwise.")] = None,
+    min_samples: Annotated[str, typer.Option(help="Below the minimum sample sizes: warn (loudly, default), strict (refuse, exit 2), off (only record them).")] = "warn",
     crops_per_photo: Annotated[int, typer.Option(min=1, help="Bundled photos: random crops per photo.")] = 2,
     min_confidence: Annotated[Optional[float], typer.Option(help="Keep clean images whose top-1 probability is at least this (default 0.3 bundled, 0 user images).")] = None,
     image_size: Annotated[int, typer.Option(min=8, help="Images are centre-cropped and resized to this side.")] = 224,
@@ -112,7 +137,9 @@ def run(
             triton_url=triton_url, triton_model=triton_model, query_via_triton=query_via_triton,
             score_via_triton=score_via_triton,
             surrogate=surrogate, surrogate_weights=str(surrogate_weights) if surrogate_weights else None,
-            images=tuple(str(p) for p in images or ()), crops_per_photo=crops_per_photo, min_confidence=min_confidence,
+            images=tuple(str(p) for p in images or ()), clean_source=clean_source,
+            corpus=str(corpus) if corpus else None, max_images=max_images,
+            crops_per_photo=crops_per_photo, min_confidence=min_confidence,
             image_size=image_size, holdout=holdout,
             attacks=tuple(AttackSpec.parse(text) for text in (attack or DEFAULT_ATTACKS)), quantize=quantize,
             detector=detector, refit_combiner=refit_combiner, target_fprs=tuple(target_fpr or (0.05,)),
@@ -120,8 +147,17 @@ def run(
         )
     except JobConfigError as error:
         _fail(str(error), 2)
-    _execute(lambda: run_calibration(config, work, out=out, report=report, shard=parts, device=device, progress=progress),
+    _check_policy(min_samples)
+    _execute(lambda: run_calibration(config, work, out=out, report=report, shard=parts, device=device, progress=progress,
+                                     min_samples=min_samples),
              out, report, parts)
+
+
+def _check_policy(min_samples: str) -> None:
+    from detector.calibrate import POLICIES
+
+    if min_samples not in POLICIES:
+        _fail(f"--min-samples must be one of {', '.join(POLICIES)}, got {min_samples!r}", 2)
 
 
 def _execute(action, out, report, parts) -> None:  # type: ignore[no-untyped-def]
@@ -152,11 +188,13 @@ def merge(
     work_dirs: Annotated[list[Path], typer.Argument(help="The shards' work directories (all parts of one job).")],
     out: Annotated[Path, typer.Option(help="Artifact to write (JSON).")],
     report: Annotated[Optional[Path], typer.Option(help="HTML report to write.")] = None,
+    min_samples: Annotated[str, typer.Option(help="Below the minimum sample sizes: warn (default), strict (refuse, exit 2), off.")] = "warn",
 ) -> None:
     """Combine the parts of a sharded job into the artifact (and report) a single run gives."""
     from detector.calibrate import merge_calibration
 
-    _execute(lambda: merge_calibration(list(work_dirs), out=out, report=report), out, report, (0, 1))
+    _check_policy(min_samples)
+    _execute(lambda: merge_calibration(list(work_dirs), out=out, report=report, min_samples=min_samples), out, report, (0, 1))
 
 
 @calibrate_app.command("verify")

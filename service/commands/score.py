@@ -19,7 +19,9 @@ def _fail(message: str, code: int) -> None:
 def score(
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files (any format PIL reads).", show_default=False)] = None,
     bundled: Annotated[bool, typer.Option("--bundled", help="Score the sample photos that ship inside installed packages.")] = False,
-    calibration: Annotated[Optional[Path], typer.Option(help="Calibration artifact (JSON); adds a verdict per image.")] = None,
+    calibration: Annotated[Optional[str], typer.Option(
+        help="Calibration artifact (JSON) or a shipped detector's name (default, entropy-9photo); "
+             "the artifact configures the signals, combiner and threshold.")] = None,
     save_maps: Annotated[Optional[Path], typer.Option(help="Write input | feature response | local entropy PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image instead of text.")] = False,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
@@ -51,8 +53,11 @@ def score(
 
     detector = Detector.default(device)
     if calibration is not None:
+        from detector.detector import resolve_artifact
+        from detector.models import bundled_identity
+
         try:
-            detector.load_calibration(calibration)
+            detector = Detector.from_artifact(resolve_artifact(calibration), model_identity=bundled_identity(), device=device)
         except CalibrationError as error:
             _fail(str(error), EXIT_CALIBRATION_ERROR)
     class_names = imagenet_class_names()
@@ -68,7 +73,10 @@ def score(
         pixels = to_tensor([array for _, array in chunk])  # type: ignore[misc]
         began = time.perf_counter()
         maps, logits = detector.maps_and_logits(pixels)
-        scores = detector.score_maps(maps)
+        values = detector.entropies(maps)
+        scores = detector.combiner.combine(values)
+        # Why a verdict: each signal's value and, for a fitted combiner, its share of the score.
+        contributions = detector.combiner.contributions(values.numpy()) if hasattr(detector.combiner, "contributions") else None
         elapsed_ms = (time.perf_counter() - began) * 1000.0 / len(chunk)
         probabilities = torch.softmax(logits, dim=1)
         top_p, top_i = probabilities.max(dim=1)
@@ -84,7 +92,11 @@ def score(
                 "threshold": detector.threshold,
                 "calibration": detector.calibration_id,
                 "time_ms": round(elapsed_ms, 2),
+                "signals": {feature: round(float(values[row, i]), 6) for i, feature in enumerate(detector.features)},
             }
+            if contributions is not None:
+                record["contributions"] = {feature: round(float(contributions[row, i]), 6)
+                                           for i, feature in enumerate(detector.features)}
             if save_maps is not None:
                 stem = Path(name.replace("bundled:", "")).stem
                 record["maps"] = str(save_response_figure(
