@@ -164,7 +164,8 @@ def calibrate(
     if config.refit_combiner:
         positives = [b.entropies[~holdout_of[b.success_indices]] for b in banks.values() if len(b.entropies)]
         positives = np.vstack(positives) if positives else np.zeros((0, clean_entropies.shape[1]))
-        combiner = fit_logistic_combiner(fit_rows, positives)
+        # keeps the configured form: a combiner shipped with z² terms is refitted with them
+        combiner = fit_logistic_combiner(fit_rows, positives, quadratic=bool(getattr(combiner, "quadratic", ())))
     fit_scores, held_scores = _score(combiner, fit_rows), _score(combiner, held_rows)
     thresholds = [threshold_at_fpr(fit_scores, f) for f in config.target_fprs]
     points = [

@@ -24,8 +24,9 @@ import torch
 
 from detector.calibration import CalibrationArtifact, library_versions
 from detector.combiner import Combiner, SingleMap
-from detector.config import PAPER_CONFIG, ScoreConfig
-from detector.detector import DEFAULT_ARTIFACT_PATH, FEATURE_RESPONSE, Detector
+from detector.config import PAPER_CONFIG
+from detector.detector import FEATURE_RESPONSE, Detector, resolve_artifact
+from detector.signals import FeatureConfig
 from detector.models import ModelIdentity
 
 from . import stages
@@ -55,11 +56,11 @@ class RunStats:
         return self.computed + self.reused
 
 
-def detector_config(spec: str) -> tuple[dict[str, ScoreConfig], Combiner]:
-    """Maps and combiner of ``default`` (the detection study's choice), ``paper``, or an artifact file."""
+def detector_config(spec: str) -> tuple[dict[str, FeatureConfig], Combiner]:
+    """Signals and combiner of a shipped detector (``default``, ``entropy-9photo``, ``paper``) or an artifact file."""
     if spec == "paper":
         return {FEATURE_RESPONSE: PAPER_CONFIG}, SingleMap()
-    artifact = CalibrationArtifact.load(DEFAULT_ARTIFACT_PATH if spec == "default" else spec)
+    artifact = CalibrationArtifact.load(resolve_artifact(spec))
     return dict(artifact.features), artifact.combiner
 
 

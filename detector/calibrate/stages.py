@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from detector.attacks import QueryModel, make_attack
+from detector.config import ScoreConfig
 from detector.entropy import gray_levels, local_entropy_map
 
 from .access import Scorer
@@ -114,9 +115,15 @@ def universal_fit(runtime: Runtime, spec: AttackSpec, fit_images: int = 16) -> d
 
 
 def _example(runtime: Runtime, index: int, clean: torch.Tensor, adversarial: torch.Tensor,
-             clean_maps: dict[str, torch.Tensor], adv_maps: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """What the report's example grid shows for one image: input, adversarial, first map's response and entropy."""
-    name, config = next(iter(runtime.scorer.detector.features.items()))
+             clean_maps: dict[str, torch.Tensor], adv_maps: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """What the report's example grid shows for one image: input, adversarial, first entropy map's response and entropy.
+
+    ``None`` for a detector with no entropy map (only scalar signals: nothing to draw).
+    """
+    found = next(((n, c) for n, c in runtime.scorer.detector.features.items() if isinstance(c, ScoreConfig)), None)
+    if found is None:
+        return None
+    name, config = found
     example: dict[str, Any] = {
         "index": index,
         "name": runtime.plan.candidates[index].name,
