@@ -68,7 +68,8 @@ def markdown(results: dict[str, Any]) -> str:
     if fooling:
         confidence = sorted(fooling["target_confidence"])
         lines += ["## Fooling images (CPPN, Nguyen et al. 2015)", "",
-                  f"{fooling['images']} images evolved towards random classes (20 generations, population 8 on 2 CPU cores); "
+                  f"{fooling['images']} images evolved towards random classes ({fooling['generations']} generations, "
+                  f"population {fooling['population']}, on 2 CPU cores); "
                   f"wanted-class confidence median {confidence[len(confidence) // 2]:.3f}, max {confidence[-1]:.3f}. "
                   "Share flagged at the dev-fitted thresholds:", "",
                   "| detector | at 1 % FPR threshold | at 5 % FPR threshold |", "|---|---|---|"]

@@ -44,7 +44,7 @@ class StudySettings:
     bank_batch: int = 16
     budget: float = 2.5  # extra forward passes a detector may cost (goal: ≤ 4× a forward in all)
     n_boot: int = 1000
-    adaptive_images: int = 24
+    adaptive_images: int = 16
     fooling_images: int = 8
     smoke: bool = False
 
@@ -231,6 +231,25 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
             threshold = threshold_at_fpr(fn(dev.clean), target)
             transfer[name][f"{target:g}"] = clopper_pearson(int(np.sum(fn(test.clean) > threshold)), len(test.clean)) | {"threshold": threshold}
 
+    # ---- fooling images (Nguyen et al. 2015): no clean counterpart; are they flagged? ----------
+    if settings.fooling_images:
+        fooling_generations = 2 if settings.smoke else 20
+
+        def evolve() -> dict[str, Any]:
+            targets = torch.randperm(1000, generator=torch.Generator().manual_seed(settings.seed))[: settings.fooling_images]
+            attack = make_attack("fooling_cppn", model, seed=settings.seed, quantize=True, population=8,
+                                 max_generations=fooling_generations, confidence=0.99)
+            result = attack(torch.zeros(len(targets), 3, 224, 224), targets)
+            return {"pixels": result.adversarial, "confidence": result.target_confidence}
+
+        fooling = _cached(cache / f"fooling-{_key(settings.seed, settings.fooling_images, settings.smoke)}.pt", evolve)
+        fooling_bank = np.stack([signal_bank(model, fooling["pixels"], {f: pool[f]}, settings.bank_batch)[:, 0] for f in names], axis=1)
+        results_fooling = {"images": len(fooling_bank), "generations": fooling_generations, "population": 8, "target_confidence": [float(c) for c in fooling["confidence"]],
+                           "flagged": {name: {f"{t:g}": float(np.mean(fn(fooling_bank) > transfer[name][f"{t:g}"]["threshold"]))
+                                              for t in (0.01, 0.05)} for name, fn in detectors.items()}}
+    else:
+        results_fooling = None
+
     results: dict[str, Any] = {
         "settings": asdict(settings),
         "data": data_info,
@@ -252,23 +271,6 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         "threshold_transfer": transfer,
         "fooling": results_fooling,
     }
-    # ---- fooling images (Nguyen et al. 2015): no clean counterpart; are they flagged? ----------
-    if settings.fooling_images:
-        def evolve() -> dict[str, Any]:
-            targets = torch.randperm(1000, generator=torch.Generator().manual_seed(settings.seed))[: settings.fooling_images]
-            attack = make_attack("fooling_cppn", model, seed=settings.seed, quantize=True, population=8,
-                                 max_generations=2 if settings.smoke else 20, confidence=0.99)
-            result = attack(torch.zeros(len(targets), 3, 224, 224), targets)
-            return {"pixels": result.adversarial, "confidence": result.target_confidence}
-
-        fooling = _cached(cache / f"fooling-{_key(settings.seed, settings.fooling_images, settings.smoke)}.pt", evolve)
-        fooling_bank = np.stack([signal_bank(model, fooling["pixels"], {f: pool[f]}, settings.bank_batch)[:, 0] for f in names], axis=1)
-        results_fooling = {"images": len(fooling_bank), "target_confidence": [float(c) for c in fooling["confidence"]],
-                           "flagged": {name: {f"{t:g}": float(np.mean(fn(fooling_bank) > transfer[name][f"{t:g}"]["threshold"]))
-                                              for t in (0.01, 0.05)} for name, fn in detectors.items()}}
-    else:
-        results_fooling = None
-
     artifact = CalibrationArtifact.create(
         transfer["chosen"]["0.05"]["threshold"], {names[c]: pool[names[c]] for c in chosen.columns}, bundled_identity(),
         chosen.combiner, target_fpr=0.05,
