@@ -164,12 +164,15 @@ def proxy_rows(doc: dict[str, Any] | None) -> tuple[list[str], list[str]]:
 
 def cost_rows(doc: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     if doc is None:
-        return ["| 3. detection cost | ≤ 3× plain forward | plain forward | not measured | | not measured |"], []
-    worst = max(r["ratio_to_plain_forward"] for r in doc["rows"])
+        return ["| 3. detection cost | ≤ 4× plain forward at batch 16 | plain forward | not measured | | not measured |"], []
+    # Issue 11 moved the goal to ≤ 4× at batch 16 for a detector with signals (each squeezer is a forward pass);
+    # the batch-1 ratio stays in the table.
+    judged = [r for r in doc["rows"] if r["batch"] >= 16] or doc["rows"]
+    worst = max(r["ratio_to_plain_forward"] for r in judged)
     measured = "; ".join(f"batch {r['batch']}: {r['detection_ms_per_image']:.1f} vs {r['plain_forward_ms_per_image']:.1f} "
                          f"ms/image ({r['ratio_to_plain_forward']:.2f}×)" for r in doc["rows"])
-    table = [f"| 3. detection cost | maps + entropy ≤ 3× plain forward, batch 1 and 16 | the bundled model's "
-             f"forward pass under `no_grad` | {measured} | {worst:.2f}× | {_verdict(worst <= 3.0)} |"]
+    table = [f"| 3. detection cost | all signals ≤ 4× plain forward at batch 16 | the bundled model's "
+             f"forward pass under `no_grad` | {measured} | {worst:.2f}× | {_verdict(worst <= 4.0)} |"]
     names = list(doc["rows"][0]["breakdown_ms_per_image"])
     detail = ["", "### Detection cost (ms per image)", "", _machine(doc), "",
               f"Detector: maps {list(doc['detector']['features'])}, combiner `{doc['detector']['combiner']['kind']}`.", "",

@@ -28,6 +28,7 @@ from detector.signals import FeatureConfig
 
 from ..detection_study.analysis import Split
 from ..detection_study.run import _cached, _key
+from ..detection_study.run import run_attack as run_study_attack
 from . import analysis, candidates, report
 from .data import Clean, corpus_parts, smoke_parts
 from .suite import FULL_SUITE, SEEN_ATTACKS, SMOKE_SUITE, AttackSet
@@ -83,36 +84,8 @@ def load_surrogate(name: str) -> torch.nn.Module:
 
 
 def run_attack(model: torch.nn.Module, clean: Clean, spec: AttackSet, settings: StudySettings) -> dict[str, Any]:
-    """Adversarials of the first ``cap`` images; success is judged on the bundled model, always."""
-    count = len(clean) if spec.cap is None else min(spec.cap, len(clean))
-    crafting = load_surrogate(spec.surrogate) if spec.surrogate else model
-    attack = make_attack(spec.attack, crafting, seed=settings.seed, quantize=True, **spec.params)
-    adversarial, success, linf, l2, queries = [], [], [], [], []
-    for start in range(0, count, settings.attack_batch):
-        stop = min(count, start + settings.attack_batch)
-        labels = clean.labels[start:stop]
-        result = attack(clean.pixels[start:stop], labels)
-        if spec.surrogate:
-            with torch.no_grad():
-                result.success = model(result.adversarial).argmax(1) != labels
-        adversarial.append((result.adversarial * 255).round().to(torch.uint8))
-        success.append(result.success)
-        linf.append(result.norms["linf"])
-        l2.append(result.norms["l2"])
-        if result.queries is not None:
-            queries.append(result.queries)
-        LOGGER.info("  %s: %d/%d images", spec.name, stop, count)
-    success_t = torch.cat(success)
-    return {
-        "index": torch.arange(count)[success_t],
-        "adversarial": torch.cat(adversarial)[success_t],
-        "attempted": count,
-        "success_rate": float(success_t.float().mean()) if count else 0.0,
-        "linf_median": float(torch.cat(linf)[success_t].median()) if success_t.any() else None,
-        "l2_median": float(torch.cat(l2)[success_t].median()) if success_t.any() else None,
-        "queries_median": float(torch.cat(queries)[success_t].float().median()) if queries and success_t.any() else None,
-        "describe": attack.describe(),
-    }
+    """Adversarials of the first ``cap`` images; success is judged on the bundled model, always (transfer too)."""
+    return run_study_attack(model, clean, spec, settings, crafting=load_surrogate(spec.surrogate) if spec.surrogate else None)
 
 
 def signal_bank(model: torch.nn.Module, pixels: torch.Tensor, features: dict[str, FeatureConfig], batch: int) -> np.ndarray:

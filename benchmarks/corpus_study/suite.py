@@ -9,17 +9,13 @@ attacks that cost many passes or queries on a 2-core CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+
+from ..detection_study.suite import AttackSet as StudyAttackSet
 
 
 @dataclass(frozen=True)
-class AttackSet:
-    name: str
-    attack: str
-    params: dict[str, Any] = field(default_factory=dict)
-    cap: int | None = None  # clean images per part (None = all)
-    label: str = ""
+class AttackSet(StudyAttackSet):
     surrogate: str | None = None  # craft on this model, evaluate on the bundled one (transfer)
     paper: bool = False  # one of the paper's five attacks
 

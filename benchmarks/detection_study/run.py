@@ -72,14 +72,22 @@ def _cap_per_photo(clean: CleanSet, limit: int) -> CleanSet:
     return clean.subset(keep)
 
 
-def run_attack(model: torch.nn.Module, clean: CleanSet, spec: AttackSet, settings: StudySettings) -> dict[str, Any]:
-    """Adversarials of the first ``cap`` images; only successful ones are positives."""
+def run_attack(model: torch.nn.Module, clean: Any, spec: AttackSet, settings: Any,
+               crafting: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Adversarials of the first ``cap`` images; only successful ones are positives.
+
+    With ``crafting`` (a surrogate: a transfer attack) the adversarials are made
+    on it and their success is judged on ``model``.
+    """
     count = len(clean) if spec.cap is None else min(spec.cap, len(clean))
-    attack = make_attack(spec.attack, model, seed=settings.seed, quantize=True, **spec.params)
+    attack = make_attack(spec.attack, crafting or model, seed=settings.seed, quantize=True, **spec.params)
     adversarial, success, linf, l2, queries = [], [], [], [], []
     for start in range(0, count, settings.attack_batch):
         stop = min(count, start + settings.attack_batch)
         result = attack(clean.pixels[start:stop], clean.labels[start:stop])
+        if crafting is not None:
+            with torch.no_grad():
+                result.success = model(result.adversarial).argmax(1) != clean.labels[start:stop]
         adversarial.append((result.adversarial * 255).round().to(torch.uint8))
         success.append(result.success)
         linf.append(result.norms["linf"])
