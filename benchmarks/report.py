@@ -31,6 +31,7 @@ load average at start and end.
 | entropy kernel | `python -m benchmarks.entropy_kernel [--device cuda]` | `--smoke` |
 | proxy overhead | `python -m benchmarks.proxy_overhead` | `--smoke` |
 | detection cost | `python -m benchmarks.detection_cost` | `--smoke` |
+| detection on real photos | `python -m benchmarks.corpus_study` (the corpus: `python -m benchmarks.corpus build`) | `--smoke` |
 | sidecar memory | `python -m benchmarks.sidecar_memory` (5 min) | `--smoke` |
 | load generator | `python -m benchmarks.loadgen --target 127.0.0.1:PORT --model M` | (used by the two above) |
 | this table | `python -m benchmarks.report` | |
@@ -203,6 +204,28 @@ def memory_rows(doc: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     return table, []
 
 
+def detection_rows(doc: dict[str, Any] | None) -> list[str]:
+    """Issue 11's detection goals, judged on the corpus study's test part (``results/corpus_study/results.json``)."""
+    if doc is None:
+        return ["| 6. detection on real photos | AUC ≥ 0.97, TPR@1 % ≥ 0.90 per attack | | not measured | | not measured |"]
+    table = doc["test"]["chosen"]
+    scored = {a: row for a, row in table.items() if row["adversarial"] > 0}
+    worst_auc = min(scored.items(), key=lambda kv: kv[1]["auc"]["value"])
+    worst_tpr = min(scored.items(), key=lambda kv: kv[1]["tpr"]["0.01"]["value"])
+    paper = [a for a in doc["paper_attacks"] if a in scored]
+    paper_tpr = min((scored[a]["tpr"]["0.01"]["value"] for a in paper), default=float("nan"))
+    fpr = doc["threshold_transfer"]["chosen"]["0.05"]
+    return [
+        f"| 6a. detection, every attack | AUC ≥ 0.97 and TPR@1 % FPR ≥ 0.90 (corpus test part) | clean test inputs | "
+        f"worst AUC {worst_auc[1]['auc']['value']:.3f} ({worst_auc[0]}), worst TPR@1 % {worst_tpr[1]['tpr']['0.01']['value']:.3f} "
+        f"({worst_tpr[0]}) | | {_verdict(worst_auc[1]['auc']['value'] >= 0.97 and worst_tpr[1]['tpr']['0.01']['value'] >= 0.90)} |",
+        f"| 6b. the paper's attacks | TPR@1 % ≥ 0.95 | | worst {paper_tpr:.3f} over {', '.join(paper)} | | {_verdict(paper_tpr >= 0.95)} |",
+        f"| 6c. threshold transfer | realized test FPR within ±2 points of a 5 % dev target | | "
+        f"{fpr['value'] * 100:.1f} % [{fpr['low'] * 100:.1f}, {fpr['high'] * 100:.1f}] on {fpr['n']} inputs | | "
+        f"{_verdict(abs(fpr['value'] - 0.05) <= 0.02)} |",
+    ]
+
+
 def render(results: Path) -> str:
     table = ["", "## Goals", "", "| goal | target | reference | measured | ratio | result |", "|---|---|---|---|---|---|"]
     details: list[str] = ["", "## Details"]
@@ -210,7 +233,8 @@ def render(results: Path) -> str:
     p_table, p_detail = proxy_rows(_load(results, "proxy_overhead"))
     c_table, c_detail = cost_rows(_load(results, "detection_cost"))
     m_table, m_detail = memory_rows(_load(results, "sidecar_memory"))
-    table += [e_table[0], *p_table, *c_table, *m_table, *e_table[1:]]
+    table += [e_table[0], *p_table, *c_table, *m_table, *e_table[1:],
+              *detection_rows(_load(results / "corpus_study", "results"))]
     details += e_detail + p_detail + c_detail + m_detail
     notes = HERE / "notes.md"
     tail = ["", notes.read_text().rstrip()] if notes.exists() else []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import numpy as np
@@ -162,7 +164,18 @@ def test_default_detector_on_the_bundled_model(photo_batch, tmp_path):
     scores = detector.score(photo_batch)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
     entropies = detector.entropies(detector.feature_model()(photo_batch))
-    assert ((entropies > 0) & (entropies < 3.17)).all()  # 0 < entropy < log2(9) bits per map
+    from detector.signals import LogitMargin, ResidualEntropy, SoftmaxEntropy, SqueezeDistance
+
+    for column, config in enumerate(detector.features.values()):  # each signal within its possible range
+        values = entropies[:, column]
+        if isinstance(config, (ScoreConfig, ResidualEntropy)):
+            assert ((values > 0) & (values < math.log2(config.patch**2))).all()  # 0 < entropy < log2 k² bits
+        elif isinstance(config, SqueezeDistance):
+            assert ((values >= 0) & (values <= 2)).all()  # L1 between two distributions
+        elif isinstance(config, SoftmaxEntropy):
+            assert ((values >= 0) & (values <= math.log2(1000))).all()
+        elif isinstance(config, LogitMargin):
+            assert (values >= 0).all()
     torch.testing.assert_close(detector.combiner.combine(entropies), scores)
     # The sidecar's path when Triton computed the entropies: NumPy combiner, same scores.
     np.testing.assert_allclose(detector.score_entropies(entropies.numpy()), scores.numpy(), rtol=1e-5, atol=1e-5)
@@ -181,9 +194,13 @@ def test_entropy_output_name_pins_the_maps_their_configs_and_order():
     configs = list(DEFAULT_FEATURES.values())
     name = entropy_output_name(configs)
     assert name.startswith("advsentry_entropy_") and name == Detector.default().entropy_output
-    assert name == entropy_output_name([ScoreConfig.from_dict(c.to_dict()) for c in configs])  # stable
+    from detector.signals import feature_from_dict
+
+    assert name == entropy_output_name([feature_from_dict(c.to_dict()) for c in configs])  # stable
     assert entropy_output_name(configs[::-1]) != name  # column order matters
-    assert entropy_output_name([configs[0].replace(levels=configs[0].levels * 2), *configs[1:]]) != name
+    entropy_column = next(i for i, c in enumerate(configs) if hasattr(c, "levels"))
+    changed = configs[entropy_column].replace(levels=configs[entropy_column].levels * 2)
+    assert entropy_output_name([*configs[:entropy_column], changed, *configs[entropy_column + 1:]]) != name
     assert entropy_output_name(configs[:-1]) != name
 
 

@@ -69,6 +69,19 @@ def corpus_parts(model: torch.nn.Module, per_part: dict[str, int], seed: int) ->
     return parts, described
 
 
+def corpus_rest(model: torch.nn.Module, parts: dict[str, Clean]) -> dict[str, Clean]:
+    """Per part, every corpus image the attack pool did not take (clean only: they cost no attack)."""
+    from detector.corpus import load_corpus
+
+    corpus = load_corpus()
+    rest = {}
+    for part, pool in parts.items():
+        taken = set(pool.ids)
+        images = [im for im in corpus.split(part) if im.id not in taken]
+        rest[part] = _labelled(model, [im.id for im in images], [im.source for im in images], [im.pixels() for im in images])
+    return rest
+
+
 def smoke_parts(model: torch.nn.Module, seed: int) -> tuple[dict[str, Clean], dict]:
     """One crop of each bundled photo; photos split into dev and test (checks the pipeline; not a result)."""
     from detector.samples import random_crops

@@ -26,8 +26,10 @@ def markdown(results: dict[str, Any]) -> str:
              "Generated from `results.json` by `benchmarks/corpus_study/report.py`. Every choice was made on the dev part; "
              "all numbers below are on the **test part** (sources never seen in selection), 95 % bootstrap intervals.", ""]
     data = results["data"]
-    lines += [f"Data: {data.get('origin')}; dev {data['dev']['images']} inputs from {data['dev']['sources']} sources, "
-              f"test {data['test']['images']} inputs from {data['test']['sources']} sources.", ""]
+    lines += [f"Data: {data.get('origin')}; attacked: dev {data['dev']['images']} inputs from {data['dev']['sources']} sources, "
+              f"test {data['test']['images']} inputs from {data['test']['sources']} sources"
+              + (f"; clean only, besides: dev {data['dev_extra']['images']}, test {data['test_extra']['images']} more inputs "
+                 "(every other image of each part)" if "dev_extra" in data else "") + ".", ""]
     selection = results["selection"]
     chosen = selection["chosen"]
     lines += ["## Chosen detector", "",

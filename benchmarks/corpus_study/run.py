@@ -30,7 +30,7 @@ from ..detection_study.analysis import Split
 from ..detection_study.run import _cached, _key
 from ..detection_study.run import run_attack as run_study_attack
 from . import analysis, candidates, report
-from .data import Clean, corpus_parts, smoke_parts
+from .data import Clean, corpus_parts, corpus_rest, smoke_parts
 from .suite import FULL_SUITE, SEEN_ATTACKS, SMOKE_SUITE, AttackSet
 
 LOGGER = logging.getLogger("corpus_study")
@@ -45,7 +45,8 @@ class StudySettings:
     bank_batch: int = 16
     budget: float = 2.5  # extra forward passes a detector may cost (goal: ≤ 4× a forward in all)
     n_boot: int = 1000
-    adaptive_images: int = 16
+    adaptive_images: int = 12
+    all_clean: bool = True  # also score every other clean image of each part (cheap: no attacks)
     fooling_images: int = 8
     smoke: bool = False
 
@@ -105,6 +106,13 @@ def clopper_pearson(flagged: int, total: int) -> dict[str, float]:
             "flagged": flagged, "n": total}
 
 
+def _data_settings(settings: StudySettings) -> dict[str, Any]:
+    """The settings that decide the clean images and the adversarial sets (the caches' key); analysis-only ones are left out."""
+    document = asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None, "fooling_images": None}
+    document.pop("all_clean")  # which extra clean images are scored does not change the attacked ones
+    return document
+
+
 def _corpus_digest(settings: StudySettings) -> str | None:
     """The corpus manifest's hash: a rebuilt corpus invalidates every cached set."""
     if settings.smoke:
@@ -126,18 +134,21 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     cache = cache_dir / ("smoke" if settings.smoke else "full")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    data_key = _key("data", asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None, "fooling_images": None}, _corpus_digest(settings))
+    data_key = _key("data", _data_settings(settings), _corpus_digest(settings))
     if settings.smoke:
         parts, data_info = smoke_parts(model, settings.seed)
     else:
         parts, data_info = _cached(cache / f"clean-{data_key}.pt", lambda: corpus_parts(
             model, {"dev": settings.dev_images, "test": settings.test_images}, settings.seed))
+        if settings.all_clean:  # the rest of each part: clean only, for the combiner's negatives and the thresholds
+            extra = _cached(cache / f"clean-extra-{data_key}.pt", lambda: corpus_rest(model, parts))
+            parts |= {f"{part}_extra": clean for part, clean in extra.items()}
     data_info = data_info | {p: {"images": len(c), "sources": len(set(c.sources))} for p, c in parts.items()}
     LOGGER.info("clean: %s", data_info)
 
     attacks: dict[str, dict[str, dict[str, Any]]] = {"dev": {}, "test": {}}
     for spec in suite:
-        for part, clean in parts.items():
+        for part, clean in ((p, parts[p]) for p in ("dev", "test")):
             path = cache / f"attack-{spec.name}-{part}-{_key(data_key, asdict(spec), settings.attack_batch)}.pt"
             LOGGER.info("attack %s on %s (%s)", spec.name, part, "cached" if path.exists() else "computing")
             attacks[part][spec.name] = _cached(path, lambda: run_attack(model, clean, spec, settings))
@@ -163,7 +174,11 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         return np.stack([torch.load(paths[f], weights_only=False) for f in names], axis=1)
 
     def split_of(part: str) -> Split:
-        return Split(columns(part, None), groups_of(part, None), {s.name: columns(part, s.name) for s in suite},
+        clean, groups = columns(part, None), groups_of(part, None)
+        if f"{part}_extra" in parts:
+            clean = np.vstack([clean, columns(f"{part}_extra", None)])
+            groups = np.r_[groups, groups_of(f"{part}_extra", None)]
+        return Split(clean, groups, {s.name: columns(part, s.name) for s in suite},
                      {s.name: groups_of(part, s.name) for s in suite})
 
     dev, test = split_of("dev"), split_of("test")
@@ -197,11 +212,14 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
                for a in all_attacks}
         for name, fn in detectors.items()
     }
+    # Thresholds from dev clean scores: out-of-fold for the detectors fitted on them (see analysis.Selection).
+    dev_clean_scores = {name: fn(dev.clean) for name, fn in detectors.items()}
+    dev_clean_scores |= {"chosen": chosen.oof_clean, "unbounded_cost": unbounded.oof_clean}
     transfer = {}
     for name, fn in detectors.items():
         transfer[name] = {}
         for target in (0.01, 0.05):
-            threshold = threshold_at_fpr(fn(dev.clean), target)
+            threshold = threshold_at_fpr(dev_clean_scores[name], target)
             transfer[name][f"{target:g}"] = clopper_pearson(int(np.sum(fn(test.clean) > threshold)), len(test.clean)) | {"threshold": threshold}
 
     # ---- fooling images (Nguyen et al. 2015): no clean counterpart; are they flagged? ----------
@@ -247,7 +265,7 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     artifact = CalibrationArtifact.create(
         transfer["chosen"]["0.05"]["threshold"], {names[c]: pool[names[c]] for c in chosen.columns}, bundled_identity(),
         chosen.combiner, target_fpr=0.05,
-        data={"source": "benchmarks/corpus_study (dev part)", **{k: v for k, v in data_info.items() if k != "test"},
+        data={"source": "benchmarks/corpus_study (dev part)", **{k: v for k, v in data_info.items() if not k.startswith("test")},
               "trained_on_attacks": seen},
         results={"test_auc": {a: tables["chosen"][a]["auc"]["value"] for a in all_attacks},
                  "test_tpr_at_5pct": {a: tables["chosen"][a]["tpr"]["0.05"]["value"] for a in all_attacks},

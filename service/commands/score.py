@@ -100,7 +100,8 @@ def score(
             if save_maps is not None:
                 stem = Path(name.replace("bundled:", "")).stem
                 record["maps"] = str(save_response_figure(
-                    save_maps / f"{stem}.png", pixels[row], {k: v[row] for k, v in maps.items()}, detector.features
+                    save_maps / f"{stem}.png", pixels[row], {k: v[row] for k, v in maps.items()}, detector.features,
+                    record.get("contributions") or record["signals"],
                 ))
             if as_json:
                 typer.echo(json.dumps(record))
