@@ -209,7 +209,9 @@ def detection_rows(doc: dict[str, Any] | None) -> list[str]:
     if doc is None:
         return ["| 6. detection on real photos | AUC ≥ 0.97, TPR@1 % ≥ 0.90 per attack | | not measured | | not measured |"]
     table = doc["test"]["chosen"]
-    scored = {a: row for a, row in table.items() if row["adversarial"] > 0}
+    # A TPR at 1 % from a handful of positives means nothing: such sets are named, not judged.
+    scored = {a: row for a, row in table.items() if row["adversarial"] >= 10}
+    too_few = ", ".join(f"{a} ({row['adversarial']})" for a, row in table.items() if row["adversarial"] < 10)
     worst_auc = min(scored.items(), key=lambda kv: kv[1]["auc"]["value"])
     worst_tpr = min(scored.items(), key=lambda kv: kv[1]["tpr"]["0.01"]["value"])
     paper = [a for a in doc["paper_attacks"] if a in scored]
@@ -218,7 +220,8 @@ def detection_rows(doc: dict[str, Any] | None) -> list[str]:
     return [
         f"| 6a. detection, every attack | AUC ≥ 0.97 and TPR@1 % FPR ≥ 0.90 (corpus test part) | clean test inputs | "
         f"worst AUC {worst_auc[1]['auc']['value']:.3f} ({worst_auc[0]}), worst TPR@1 % {worst_tpr[1]['tpr']['0.01']['value']:.3f} "
-        f"({worst_tpr[0]}) | | {_verdict(worst_auc[1]['auc']['value'] >= 0.97 and worst_tpr[1]['tpr']['0.01']['value'] >= 0.90)} |",
+        f"({worst_tpr[0]}); not judged, under 10 successful adversarials: {too_few or 'none'} | | "
+        f"{_verdict(worst_auc[1]['auc']['value'] >= 0.97 and worst_tpr[1]['tpr']['0.01']['value'] >= 0.90)} |",
         f"| 6b. the paper's attacks | TPR@1 % ≥ 0.95 | | worst {paper_tpr:.3f} over {', '.join(paper)} | | {_verdict(paper_tpr >= 0.95)} |",
         f"| 6c. threshold transfer | realized test FPR within ±2 points of a 5 % dev target | | "
         f"{fpr['value'] * 100:.1f} % [{fpr['low'] * 100:.1f}, {fpr['high'] * 100:.1f}] on {fpr['n']} inputs | | "
