@@ -139,7 +139,7 @@ def test_detector_service_detect_stream_and_status(triton):
         broken = detector_pb2.DetectRequest(id="broken", model_name=MODEL)
         broken.CopyFrom(direct)
         broken.id = "broken"
-        broken.feature_maps[0].raw_contents = b"1234"  # shape says otherwise
+        broken.feature_maps[0].raw_contents += b"1234"  # four bytes more than the shape says
         replies = list(stub.DetectStream(iter([direct, broken, request]), timeout=60))
         assert [r.id for r in replies] == ["maps", "broken", "x"]
         assert replies[0].verdicts[0].score == pytest.approx(reply.verdicts[0].score, abs=1e-9)

@@ -30,8 +30,9 @@ def _map_array(tensor: detector_pb2.Tensor) -> np.ndarray:
     if tensor.datatype != "FP32":
         raise RequestError(invalid, f"feature map {tensor.name!r}: datatype {tensor.datatype!r}, expected FP32")
     shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) not in (3, 4) or any(d <= 0 for d in shape):
-        raise RequestError(invalid, f"feature map {tensor.name!r}: shape {list(shape)}, expected [B,C,H,W] or [B,H,W]")
+    if len(shape) not in (2, 3, 4) or any(d <= 0 for d in shape):
+        raise RequestError(invalid, f"feature map {tensor.name!r}: shape {list(shape)}, "
+                                    "expected [B,C,H,W] or [B,H,W] (a map) or [B,1] (a signal's value)")
     needed = int(np.prod(shape)) * 4
     if len(tensor.raw_contents) != needed:
         raise RequestError(invalid, f"feature map {tensor.name!r}: {len(tensor.raw_contents)} bytes, shape needs {needed}")
