@@ -66,6 +66,19 @@ def markdown(results: dict[str, Any]) -> str:
             t = results["threshold_transfer"][n]
             lines.append(f"| {label} | {_cell(t['0.01'])} | {_cell(t['0.05'])} |")
     lines.append("")
+    confidence = results.get("confidence")
+    if confidence:
+        lines += ["## False alarms by the model's confidence (clean test inputs of any confidence)", "",
+                  f"{confidence['images']} inputs: {confidence['corpus']}. The study's corpus keeps only probability ≥ 0.3.", "",
+                  "FPR at each detector's dev-fitted 5 % threshold (1 % in parentheses):", "",
+                  "| top-1 probability | inputs | **chosen detector** | previous default (9-photo study) | Feature Squeezing |",
+                  "|---|---|---|---|---|"]
+        for band in confidence["bands"]:
+            low, high = band["band"]
+            cells = [f"{_cell(band[f'{d}@0.05'])} ({band[f'{d}@0.01']['value']:.3f})"
+                     for d in ("chosen", "first_study_default", "feature_squeezing")]
+            lines.append(f"| [{low:.1f}, {high:.1f}) | {band['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
     fooling = results.get("fooling")
     if fooling:
         confidence = sorted(fooling["target_confidence"])
