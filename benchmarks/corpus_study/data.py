@@ -69,11 +69,15 @@ def corpus_parts(model: torch.nn.Module, per_part: dict[str, int], seed: int) ->
     return parts, described
 
 
-def corpus_rest(model: torch.nn.Module, parts: dict[str, Clean]) -> dict[str, Clean]:
-    """Per part, every corpus image the attack pool did not take (clean only: they cost no attack)."""
+def corpus_rest(model: torch.nn.Module, parts: dict[str, Clean], root=None) -> dict[str, Clean]:
+    """Per part, every image of the corpus at ``root`` (default: the study's) the attack pool did not take.
+
+    Clean only: they cost no attack. A corpus built from the same packages and
+    seed with another confidence floor has the same ids and the same split.
+    """
     from detector.corpus import load_corpus
 
-    corpus = load_corpus()
+    corpus = load_corpus(root)
     rest = {}
     for part, pool in parts.items():
         taken = set(pool.ids)

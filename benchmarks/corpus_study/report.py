@@ -28,8 +28,10 @@ def markdown(results: dict[str, Any]) -> str:
     data = results["data"]
     lines += [f"Data: {data.get('origin')}; attacked: dev {data['dev']['images']} inputs from {data['dev']['sources']} sources, "
               f"test {data['test']['images']} inputs from {data['test']['sources']} sources"
-              + (f"; clean only, besides: dev {data['dev_extra']['images']}, test {data['test_extra']['images']} more inputs "
-                 "(every other image of each part)" if "dev_extra" in data else "") + ".", ""]
+              + "".join(f"; clean only, besides: {name.split('_')[0]} {info['images']} more inputs"
+                        for name, info in data.items() if "_extra" in name)
+              + (f" (from `{results['settings']['clean_corpus']}`: every confidence)" if results["settings"].get("clean_corpus") else "")
+              + ".", ""]
     selection = results["selection"]
     chosen = selection["chosen"]
     lines += ["## Chosen detector", "",

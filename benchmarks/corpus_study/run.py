@@ -8,6 +8,7 @@ rerun redoes only what changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from .data import Clean, corpus_parts, corpus_rest, smoke_parts
 from .suite import FULL_SUITE, SEEN_ATTACKS, SMOKE_SUITE, AttackSet
 
 LOGGER = logging.getLogger("corpus_study")
+EXTRA = "extra"  # parts named "<part>_extra<key>" hold clean-only inputs
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class StudySettings:
     n_boot: int = 1000
     adaptive_images: int = 12
     all_clean: bool = True  # also score every other clean image of each part (cheap: no attacks)
+    # Where those come from: None = the study's corpus; a corpus built with --min-confidence 0 (same seed, same
+    # split) adds the inputs the model is unsure of, so the combiner cannot learn "uncertain = adversarial".
+    clean_corpus: str | None = "~/.cache/advsentry/corpus-any-confidence"
     fooling_images: int = 8
     smoke: bool = False
 
@@ -110,6 +115,7 @@ def _data_settings(settings: StudySettings) -> dict[str, Any]:
     """The settings that decide the clean images and the adversarial sets (the caches' key); analysis-only ones are left out."""
     document = asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None, "fooling_images": None}
     document.pop("all_clean")  # which extra clean images are scored does not change the attacked ones
+    document.pop("clean_corpus")
     return document
 
 
@@ -141,8 +147,10 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         parts, data_info = _cached(cache / f"clean-{data_key}.pt", lambda: corpus_parts(
             model, {"dev": settings.dev_images, "test": settings.test_images}, settings.seed))
         if settings.all_clean:  # the rest of each part: clean only, for the combiner's negatives and the thresholds
-            extra = _cached(cache / f"clean-extra-{data_key}.pt", lambda: corpus_rest(model, parts))
-            parts |= {f"{part}_extra": clean for part, clean in extra.items()}
+            root = Path(settings.clean_corpus).expanduser() if settings.clean_corpus else None
+            extra_key = _key(data_key, root and hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest())
+            extra = _cached(cache / f"clean-extra-{extra_key}.pt", lambda: corpus_rest(model, parts, root))
+            parts |= {f"{part}_{EXTRA}{extra_key[:8]}": clean for part, clean in extra.items()}
     data_info = data_info | {p: {"images": len(c), "sources": len(set(c.sources))} for p, c in parts.items()}
     LOGGER.info("clean: %s", data_info)
 
@@ -175,9 +183,9 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
 
     def split_of(part: str) -> Split:
         clean, groups = columns(part, None), groups_of(part, None)
-        if f"{part}_extra" in parts:
-            clean = np.vstack([clean, columns(f"{part}_extra", None)])
-            groups = np.r_[groups, groups_of(f"{part}_extra", None)]
+        for extra in (p for p in parts if p.startswith(f"{part}_{EXTRA}")):
+            clean = np.vstack([clean, columns(extra, None)])
+            groups = np.r_[groups, groups_of(extra, None)]
         return Split(clean, groups, {s.name: columns(part, s.name) for s in suite},
                      {s.name: groups_of(part, s.name) for s in suite})
 
@@ -265,7 +273,7 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     artifact = CalibrationArtifact.create(
         transfer["chosen"]["0.05"]["threshold"], {names[c]: pool[names[c]] for c in chosen.columns}, bundled_identity(),
         chosen.combiner, target_fpr=0.05,
-        data={"source": "benchmarks/corpus_study (dev part)", **{k: v for k, v in data_info.items() if not k.startswith("test")},
+        data={"source": "benchmarks/corpus_study (dev part)", **{k: v for k, v in data_info.items() if not k.startswith("test")}, "clean_corpus": settings.clean_corpus and "min-confidence 0 build of the corpus (same split)",
               "trained_on_attacks": seen},
         results={"test_auc": {a: tables["chosen"][a]["auc"]["value"] for a in all_attacks},
                  "test_tpr_at_5pct": {a: tables["chosen"][a]["tpr"]["0.05"]["value"] for a in all_attacks},
