@@ -20,10 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev-images", type=int, default=None)
     parser.add_argument("--test-images", type=int, default=None)
     parser.add_argument("--adaptive-images", type=int, default=None, help="test images the adaptive attack runs on (0: skip)")
+    parser.add_argument("--threshold-holdout", type=float, default=None,
+                        help="fraction of dev sources held out for the threshold (0: out-of-fold scores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = StudySettings.smoke_settings() if args.smoke else StudySettings()
-    for field in ("dev_images", "test_images", "adaptive_images"):
+    for field in ("dev_images", "test_images", "adaptive_images", "threshold_holdout"):
         if getattr(args, field) is not None:
             settings = replace(settings, **{field: getattr(args, field)})
     out = args.out or ROOT / "benchmarks" / "results" / ("corpus_study_smoke" if args.smoke else "corpus_study")

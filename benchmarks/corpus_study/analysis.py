@@ -76,13 +76,14 @@ def cv_mean_auc(x, y, groups, which, weight, *, quadratic: bool, c: float) -> fl
 
 @dataclass
 class Selection:
-    """A fitted combination; ``oof_clean`` are the dev clean rows' out-of-fold scores.
+    """A fitted combination; ``threshold_clean``: the dev clean scores its threshold is fitted on.
 
-    Why out-of-fold: the combiner is fitted on the dev clean images, which pushes
-    *their* scores down; a threshold taken from them lands too low for unseen
-    images (measured: 11 % realized FPR at a 5 % target). Scores from folds that
-    did not see the image's source behave like new traffic, so the threshold is
-    fitted on them, still on dev only.
+    Why not the in-sample scores: the combiner is fitted on the dev clean images,
+    which pushes *their* scores down; a threshold taken from them lands too low
+    for unseen images (measured: 11 % realized FPR at a 5 % target). Either the
+    out-of-fold scores (folds that did not see the image's source) or, with
+    ``holdout``, the scores of held-out dev sources under the combiner fitted on
+    the others (what ``advsentry calibrate`` does), still on dev only.
     """
 
     columns: list[int]
@@ -90,7 +91,7 @@ class Selection:
     cv_auc: float
     history: list[tuple[str, float]]
     cost: float
-    oof_clean: np.ndarray
+    threshold_clean: np.ndarray
 
     def score(self, bank: np.ndarray) -> np.ndarray:
         return self.combiner.combine_array(bank[:, self.columns])
@@ -107,6 +108,8 @@ def select_combined(
     max_features: int = 8,
     quadratic: bool = True,
     c: float = 1.0,
+    holdout: float = 0.0,
+    seed: int = 0,
 ) -> Selection:
     """Greedy forward selection within ``budget`` extra forward passes (see module docstring)."""
     x, y, g, which, weight = _design(split, attacks)
@@ -127,7 +130,14 @@ def select_combined(
         chosen.append(f)
         best = value
         history.append((names[f], value))
-    combiner = _fit(x[:, chosen], y, weight, quadratic, c)
-    oof = out_of_fold_scores(x[:, chosen], y, g, weight, quadratic=quadratic, c=c)
-    oof_clean = combiner.combine_array(split.clean[:, chosen]) if oof is None else oof[y == 0]
-    return Selection(chosen, combiner, best, history, cost({names[i]: configs[names[i]] for i in chosen}), oof_clean)
+    if holdout:  # fit on most dev sources; the threshold comes from the others' clean inputs, scored by this fit
+        sources = np.unique(g)
+        held = set(np.random.default_rng(seed).permutation(sources)[: max(1, round(holdout * len(sources)))])
+        is_held = np.array([source in held for source in g])
+        combiner = _fit(x[~is_held][:, chosen], y[~is_held], weight[~is_held], quadratic, c)
+        threshold_clean = combiner.combine_array(x[is_held & (y == 0)][:, chosen])
+    else:
+        combiner = _fit(x[:, chosen], y, weight, quadratic, c)
+        oof = out_of_fold_scores(x[:, chosen], y, g, weight, quadratic=quadratic, c=c)
+        threshold_clean = combiner.combine_array(split.clean[:, chosen]) if oof is None else oof[y == 0]
+    return Selection(chosen, combiner, best, history, cost({names[i]: configs[names[i]] for i in chosen}), threshold_clean)

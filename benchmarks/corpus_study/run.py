@@ -52,6 +52,7 @@ class StudySettings:
     # Where those come from: None = the study's corpus; a corpus built with --min-confidence 0 (same seed, same
     # split) adds the inputs the model is unsure of, so the combiner cannot learn "uncertain = adversarial".
     clean_corpus: str | None = "~/.cache/advsentry/corpus-any-confidence"
+    threshold_holdout: float = 0.0  # > 0: fit the combiner on the other dev sources, the threshold on these
     fooling_images: int = 8
     smoke: bool = False
 
@@ -116,6 +117,7 @@ def _data_settings(settings: StudySettings) -> dict[str, Any]:
     document = asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None, "fooling_images": None}
     document.pop("all_clean")  # which extra clean images are scored does not change the attacked ones
     document.pop("clean_corpus")
+    document.pop("threshold_holdout")
     return document
 
 
@@ -198,8 +200,10 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     seen_mean = np.mean([dev_aucs[a] for a in seen if a in dev_aucs], axis=0)
     best_column = int(np.argmax(np.maximum(seen_mean, 1 - seen_mean)))
     best_direction = 1.0 if seen_mean[best_column] >= 0.5 else -1.0
-    chosen = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=settings.budget)
-    unbounded = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=1e9)
+    chosen = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=settings.budget,
+                                      holdout=settings.threshold_holdout, seed=settings.seed)
+    unbounded = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=1e9,
+                                         holdout=settings.threshold_holdout, seed=settings.seed)
     LOGGER.info("chosen on dev: %s (CV mean AUC %.3f, %.1f extra forwards)", chosen.history, chosen.cv_auc, chosen.cost)
 
     first = candidates.first_study_features()
@@ -222,7 +226,7 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     }
     # Thresholds from dev clean scores: out-of-fold for the detectors fitted on them (see analysis.Selection).
     dev_clean_scores = {name: fn(dev.clean) for name, fn in detectors.items()}
-    dev_clean_scores |= {"chosen": chosen.oof_clean, "unbounded_cost": unbounded.oof_clean}
+    dev_clean_scores |= {"chosen": chosen.threshold_clean, "unbounded_cost": unbounded.threshold_clean}
     transfer = {}
     for name, fn in detectors.items():
         transfer[name] = {}
