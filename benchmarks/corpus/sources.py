@@ -288,6 +288,22 @@ def scan_gcompris(limit: int | None = None) -> Discovery:
     return found
 
 
+def _read_passing(path: str, rule, found: "Discovery") -> bytes | None:
+    """The file's bytes when it opens as an image and passes ``rule``; else the reason is counted and None."""
+    data = Path(path).read_bytes()
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception:  # noqa: BLE001 - any undecodable file is just not a photo
+        found.drop("unreadable")
+        return None
+    reason = rule(image)
+    if reason:
+        found.drop(reason)
+        return None
+    return data
+
+
 def scan_backgrounds(limit: int | None = None) -> Discovery:
     """Wallpapers, Scratch backdrops and Tux Paint templates (role ``background``)."""
     found = Discovery()
@@ -296,16 +312,8 @@ def scan_backgrounds(limit: int | None = None) -> Discovery:
         for path in sorted(glob.glob(pattern, recursive=True)):
             if not os.path.isfile(path) or not path.lower().endswith(IMAGE_SUFFIXES):
                 continue
-            data = Path(path).read_bytes()
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            except Exception:  # noqa: BLE001
-                found.drop("unreadable")
-                continue
-            reason = photo_rule(image)
-            if reason:
-                found.drop(reason)
+            data = _read_passing(path, photo_rule, found)
+            if data is None:
                 continue
             kept.append(Original(package, path, _sha(data), "background", _source_id(package, path), data))
             if limit is not None and len(kept) >= limit:
@@ -332,16 +340,8 @@ def scan_stamps(limit: int | None = None) -> Discovery:
         if any(folder in path for folder in DRAWING_FOLDERS):
             found.drop("drawing-folder")
             continue
-        data = Path(path).read_bytes()
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except Exception:  # noqa: BLE001
-            found.drop("unreadable")
-            continue
-        reason = object_rule(image)
-        if reason:
-            found.drop(reason)
+        data = _read_passing(path, object_rule, found)
+        if data is None:
             continue
         kept.append(Original("tuxpaint-stamps-default", path, _sha(data), "object", _source_id("tuxpaint-stamps-default", path), data))
         if limit is not None and len(kept) >= limit:
