@@ -125,8 +125,6 @@ def _corpus_digest(settings: StudySettings) -> str | None:
     """The corpus manifest's hash: a rebuilt corpus invalidates every cached set."""
     if settings.smoke:
         return None
-    import hashlib
-
     from detector.corpus import corpus_dir
 
     return hashlib.sha256((corpus_dir() / "manifest.json").read_bytes()).hexdigest()
@@ -150,6 +148,9 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
             model, {"dev": settings.dev_images, "test": settings.test_images}, settings.seed))
         if settings.all_clean:  # the rest of each part: clean only, for the combiner's negatives and the thresholds
             root = Path(settings.clean_corpus).expanduser() if settings.clean_corpus else None
+            if root is not None and not (root / "manifest.json").exists():
+                raise SystemExit(f"no corpus at {root}: build it with `python -m benchmarks.corpus build "
+                                 f"--min-confidence 0 --out {settings.clean_corpus}` (clean inputs of every confidence)")
             extra_key = _key(data_key, root and hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest())
             extra = _cached(cache / f"clean-extra-{extra_key}.pt", lambda: corpus_rest(model, parts, root))
             parts |= {f"{part}_{EXTRA}{extra_key[:8]}": clean for part, clean in extra.items()}
