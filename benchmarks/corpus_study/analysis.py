@@ -22,7 +22,7 @@ from detector.combiner import LogisticCombiner, fit_logistic_combiner
 from detector.evaluation import auc
 from detector.signals import FeatureConfig
 
-from ..detection_study.analysis import Split
+from ..detection_study.analysis import Split, greedy_forward
 
 
 def directional_aucs(split: Split) -> dict[str, np.ndarray]:
@@ -113,23 +113,11 @@ def select_combined(
 ) -> Selection:
     """Greedy forward selection within ``budget`` extra forward passes (see module docstring)."""
     x, y, g, which, weight = _design(split, attacks)
-    chosen: list[int] = []
-    history: list[tuple[str, float]] = []
-    best = 0.5
-    while len(chosen) < max_features:
-        trials = {}
-        for f in range(len(names)):
-            if f in chosen or cost({names[i]: configs[names[i]] for i in chosen + [f]}) > budget:
-                continue
-            trials[f] = cv_mean_auc(x[:, chosen + [f]], y, g, which, weight, quadratic=quadratic, c=c)
-        if not trials:
-            break
-        f, value = max(trials.items(), key=lambda kv: kv[1])
-        if value <= best + 1e-3:
-            break
-        chosen.append(f)
-        best = value
-        history.append((names[f], value))
+    chosen, best, history = greedy_forward(
+        range(len(names)), names, max_features,
+        allowed=lambda columns: cost({names[i]: configs[names[i]] for i in columns}) <= budget,
+        criterion=lambda columns: cv_mean_auc(x[:, columns], y, g, which, weight, quadratic=quadratic, c=c),
+    )
     if holdout:  # fit on most dev sources; the threshold comes from the others' clean inputs, scored by this fit
         sources = np.unique(g)
         held = set(np.random.default_rng(seed).permutation(sources)[: max(1, round(holdout * len(sources)))])

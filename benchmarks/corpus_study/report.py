@@ -35,7 +35,7 @@ def markdown(results: dict[str, Any]) -> str:
     selection = results["selection"]
     chosen = selection["chosen"]
     lines += ["## Chosen detector", "",
-              f"Signals (in order of selection, dev CV mean AUC after each): "
+              "Signals (in order of selection, dev CV mean AUC after each): "
               + ", ".join(f"`{n}` ({v:.3f})" for n, v in chosen["history"]),
               f"; about {chosen['extra_forwards']:.1f} extra forward passes. Trained on: {', '.join(results['seen_attacks'])}; "
               "all other attacks are unseen by the combiner.",
@@ -102,6 +102,6 @@ def markdown(results: dict[str, Any]) -> str:
         for row in adaptive["rows"]:
             lines.append(f"| {row['eps_255']}/255 | {row['weight']} | {row['n']} | {row['undefended_robust_accuracy']:.3f} | "
                          f"{row['correct_or_flagged']:.3f} | {row['evasion_rate']:.3f} |")
-        lines += ["", f"Worst case over λ per ε (what the detector guarantees): "
+        lines += ["", "Worst case over λ per ε (what the detector guarantees): "
                   + ", ".join(f"{e}/255: {v:.3f}" for e, v in adaptive["worst_case"].items()), ""]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ from detector.models import bundled_identity, load_bundled_model
 from detector.signals import FeatureConfig
 
 from ..detection_study.analysis import Split
-from ..detection_study.run import _cached, _key
+from ..detection_study.run import _cached, _key, cached_attacks
 from ..detection_study.run import run_attack as run_study_attack
 from . import analysis, candidates, report
 from .data import Clean, corpus_parts, corpus_rest, smoke_parts
@@ -157,12 +157,7 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     data_info = data_info | {p: {"images": len(c), "sources": len(set(c.sources))} for p, c in parts.items()}
     LOGGER.info("clean: %s", data_info)
 
-    attacks: dict[str, dict[str, dict[str, Any]]] = {"dev": {}, "test": {}}
-    for spec in suite:
-        for part, clean in ((p, parts[p]) for p in ("dev", "test")):
-            path = cache / f"attack-{spec.name}-{part}-{_key(data_key, asdict(spec), settings.attack_batch)}.pt"
-            LOGGER.info("attack %s on %s (%s)", spec.name, part, "cached" if path.exists() else "computing")
-            attacks[part][spec.name] = _cached(path, lambda: run_attack(model, clean, spec, settings))
+    attacks = cached_attacks(model, {p: parts[p] for p in ("dev", "test")}, suite, settings, cache, data_key, run_attack)
 
     def pixels_of(part: str, attack: str | None) -> torch.Tensor:
         return parts[part].pixels if attack is None else attacks[part][attack]["adversarial"].float().div(255.0)
@@ -226,8 +221,8 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         for name, fn in detectors.items()
     }
     # Thresholds from dev clean scores: out-of-fold for the detectors fitted on them (see analysis.Selection).
-    dev_clean_scores = {name: fn(dev.clean) for name, fn in detectors.items()}
-    dev_clean_scores |= {"chosen": chosen.threshold_clean, "unbounded_cost": unbounded.threshold_clean}
+    fitted = {"chosen": chosen.threshold_clean, "unbounded_cost": unbounded.threshold_clean}
+    dev_clean_scores = {name: fitted[name] if name in fitted else fn(dev.clean) for name, fn in detectors.items()}
     transfer = {}
     for name, fn in detectors.items():
         transfer[name] = {}
@@ -292,7 +287,9 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         from .adaptive import adaptive_study
 
         results["adaptive"] = adaptive_study(
-            model, parts["test"], artifact, settings=settings, cache=cache / f"adaptive-{_key(data_key, artifact.to_document()['checksum'])}")
+            model, parts["test"], artifact, settings=settings,
+            # keyed by what the attack sees (not the checksum, which covers the creation time: every run would miss)
+            cache=cache / f"adaptive-{_key(data_key, artifact.to_document()['features'], artifact.combiner.to_dict(), artifact.threshold)}")
         results["elapsed_s"] = time.time() - started
         _write(out_dir, results)
     LOGGER.info("done in %.0f s; wrote %s", time.time() - started, out_dir)

@@ -116,6 +116,35 @@ def one_pass_budget(configs: list[ScoreConfig]) -> bool:
     return len({c.layer for c in guided}) <= 1
 
 
+def greedy_forward(
+    candidates: Sequence[int],
+    names: Sequence[str],
+    max_features: int,
+    *,
+    allowed: Callable[[list[int]], bool],
+    criterion: Callable[[list[int]], float],
+) -> tuple[list[int], float, list[tuple[str, float]]]:
+    """Greedy forward selection of columns: each step adds the allowed candidate that most raises
+    ``criterion``, and stops when none raises it by more than 1e-3 (start: chance, 0.5).
+
+    Returns the chosen columns, the final criterion and ``(name, criterion)`` after each step.
+    """
+    chosen: list[int] = []
+    history: list[tuple[str, float]] = []
+    best = 0.5
+    while len(chosen) < max_features:
+        trials = {f: criterion(chosen + [f]) for f in candidates if f not in chosen and allowed(chosen + [f])}
+        if not trials:
+            break
+        f, value = max(trials.items(), key=lambda kv: kv[1])
+        if value <= best + 1e-3:
+            break
+        chosen.append(f)
+        best = value
+        history.append((names[f], value))
+    return chosen, best, history
+
+
 def fit_combiner(
     split: Split,
     names: Sequence[str],
@@ -141,23 +170,11 @@ def fit_combiner(
             seen_maps.add(key)
         if len(shortlist) == pool:
             break
-    chosen: list[int] = []
-    history: list[tuple[str, float]] = []
-    best = 0.5
-    while len(chosen) < max_features:
-        trials = {
-            f: _cv_auc(x[:, chosen + [f]], y, groups, c)
-            for f in shortlist
-            if f not in chosen and (budget is None or budget([configs[names[g]] for g in chosen + [f]]))
-        }
-        if not trials:
-            break
-        f, value = max(trials.items(), key=lambda kv: kv[1])
-        if value <= best + 1e-3:
-            break
-        chosen.append(f)
-        best = value
-        history.append((names[f], value))
+    chosen, best, history = greedy_forward(
+        shortlist, names, max_features,
+        allowed=lambda columns: budget is None or budget([configs[names[g]] for g in columns]),
+        criterion=lambda columns: _cv_auc(x[:, columns], y, groups, c),
+    )
     # the same fit the calibration job uses (rows: clean first, as in x)
     combiner = fit_logistic_combiner(x[y == 0][:, chosen], x[y == 1][:, chosen], c=c)
     return FittedCombiner(chosen, combiner, best, history)

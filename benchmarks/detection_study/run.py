@@ -108,6 +108,18 @@ def run_attack(model: torch.nn.Module, clean: Any, spec: AttackSet, settings: An
     }
 
 
+def cached_attacks(model: torch.nn.Module, parts: dict[str, Any], suite: Any, settings: Any, cache: Path, data_key: str,
+                   runner: Callable[..., dict[str, Any]] = run_attack) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{part: {attack: run}}`` for every attack set on every part, each cached under its settings' key."""
+    attacks: dict[str, dict[str, dict[str, Any]]] = {part: {} for part in parts}
+    for spec in suite:
+        for part, clean in parts.items():
+            path = cache / f"attack-{spec.name}-{part}-{_key(data_key, asdict(spec), settings.attack_batch)}.pt"
+            LOGGER.info("attack %s on %s (%s)", spec.name, part, "cached" if path.exists() else "computing")
+            attacks[part][spec.name] = _cached(path, lambda: runner(model, clean, spec, settings))
+    return attacks
+
+
 def _finite(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
@@ -151,12 +163,7 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     LOGGER.info("clean: %d images (dev %d, test %d; test photos %s)", len(clean_all), len(dev), len(test), test_names)
     parts = {"dev": dev, "test": test}
 
-    attacks: dict[str, dict[str, dict[str, Any]]] = {"dev": {}, "test": {}}
-    for spec in suite:
-        for part, clean in parts.items():
-            path = cache / f"attack-{spec.name}-{part}-{_key(data_key, asdict(spec), settings.attack_batch)}.pt"
-            LOGGER.info("attack %s on %s (%s)", spec.name, part, "cached" if path.exists() else "computing")
-            attacks[part][spec.name] = _cached(path, lambda: run_attack(model, clean, spec, settings))
+    attacks = cached_attacks(model, parts, suite, settings, cache, data_key)
 
     def pixels_of(part: str, attack: str | None) -> torch.Tensor:
         if attack is None:

@@ -87,12 +87,17 @@ class CleanPlan:
         return to_tensor([self.candidates[i].pixels(self.image_size) for i in indices])
 
 
+def _round_robin(lists: list[list[Any]]) -> list[Any]:
+    """The first of every list, then the second of every list, and so on."""
+    rounds = max((len(v) for v in lists), default=0)
+    return [group[r] for r in range(rounds) for group in lists if r < len(group)]
+
+
 def _interleave(samples: list[SampleImage]) -> list[SampleImage]:
     by_photo: dict[str, list[SampleImage]] = {}
     for sample in samples:
         by_photo.setdefault(sample.source, []).append(sample)
-    rounds = max(len(v) for v in by_photo.values())
-    return [group[r] for r in range(rounds) for group in by_photo.values() if r < len(group)]
+    return _round_robin(list(by_photo.values()))
 
 
 def _image_files(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -112,11 +117,6 @@ def _image_files(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
 
 
 CORPUS_ORIGIN = "advsentry real-photo corpus (dev part)"
-
-
-def _round_robin(lists: list[list[Any]]) -> list[Any]:
-    rounds = max((len(v) for v in lists), default=0)
-    return [group[r] for r in range(rounds) for group in lists if r < len(group)]
 
 
 def _corpus_candidates(config: JobConfig) -> tuple[list[Candidate], dict[str, str], dict[str, Any]]:
