@@ -260,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from detector.detector import DEFAULT_ARTIFACT_PATH
 
-    sidecar_args = ("--policy", "annotate", "--calibration", str(DEFAULT_ARTIFACT_PATH), *args.sidecar_arg)
+    # disclosure score: the annotation check reads the score, and the cost measured stays the full annotation's
+    sidecar_args = ("--policy", "annotate", "--calibration", str(DEFAULT_ARTIFACT_PATH), "--disclosure", "score",
+                    *args.sidecar_arg)
     start_load = load_average()
     if args.smoke:
         identity = run_identity([1, 4], 1, 0.5, 0.2, sidecar_args, maps_path=False)

@@ -33,6 +33,8 @@ load average at start and end.
 | detection cost | `python -m benchmarks.detection_cost` | `--smoke` |
 | detection on real photos | `python -m benchmarks.corpus_study` (the corpus: `python -m benchmarks.corpus build`) | `--smoke` |
 | sidecar memory | `python -m benchmarks.sidecar_memory` (5 min) | `--smoke` |
+| fuzzing (issue 13) | `python -m benchmarks.fuzz [--cases 100000]` (resumable) | `--smoke` |
+| fault soak (issue 13) | `python -m benchmarks.fault_soak [--duration 600]` | `--smoke` (1 min, one restart) |
 | load generator | `python -m benchmarks.loadgen --target 127.0.0.1:PORT --model M` | (used by the two above) |
 | this table | `python -m benchmarks.report` | |
 """
@@ -229,6 +231,87 @@ def detection_rows(doc: dict[str, Any] | None) -> list[str]:
     ]
 
 
+# --- fuzzing and fault soak (issue 13) ---
+def robustness_rows(fuzz: dict[str, Any] | None, soak: dict[str, Any] | None) -> list[str]:
+    """Issue 13's goals: 0 crashes / hangs over ≥ 100,000 fuzzed requests; the fault soak's invariants."""
+    rows = []
+    if fuzz is None:
+        rows.append("| 7a. fuzzing | 0 crashes, 0 hangs, no UNKNOWN/INTERNAL over ≥ 100,000 requests | | not measured | "
+                    "| not measured |")
+    else:
+        t = fuzz["totals"]
+        ok = t["requests"] >= 100_000 and t["crashes"] == 0 and t["hangs"] == 0 and t["problems"] == 0 \
+            and t["upstream_crashes"] == 0 and t["not_serving_checks"] == 0
+        codes = ", ".join(f"{k} {v}" for k, v in t["codes"].items())
+        rows.append(f"| 7a. fuzzing | 0 crashes, 0 hangs, no UNKNOWN/INTERNAL over ≥ 100,000 requests | "
+                    f"Hypothesis-structured + byte-mutated requests and streams, sidecar + Triton | {t['requests']} "
+                    f"requests ({t['stream_messages']} in {t['streams']} streams) in {t['seconds']:.0f} s: {codes}; "
+                    f"crashes {t['crashes']}, hangs {t['hangs']}, broken rules {t['problems']} | | {_verdict(ok)} |")
+    if soak is None:
+        rows.append("| 7b. fault soak | no hang, 0 lost/duplicated messages, recovery ≤ 2 s, RSS growth < 5 % | | "
+                    "not measured | | not measured |")
+        return rows
+    g, s, rss = soak["goals"], soak["streams"], soak["rss_mib"]
+    recovery = soak.get("recovery_s") or {}
+    rows += [
+        f"| 7b. fault soak, calls | every call ends; every stream message answered once or failed with a status | "
+        f"{soak['settings']['duration_s']:.0f} s, Triton SIGKILLed every {soak['settings']['restart_every_s']:.0f} s "
+        f"| {soak['unary']['calls']} unary calls, {s['messages_sent']} stream messages; hangs {soak['hangs']}, "
+        f"lost {s['lost']}, duplicated {s['duplicated']} | | {_verdict(g['no_hang'] and g['no_lost_or_duplicated'])} |",
+        f"| 7c. fault soak, recovery | first success ≤ 2 s after Triton is ready | Triton ready (ServerReady) | "
+        f"max {recovery.get('max', float('nan')):.2f} s over {recovery.get('n', 0)} restarts | | "
+        f"{_verdict(g['recovery_le_2s'])} |",
+        f"| 7d. fault soak, memory | sidecar RSS growth < 5 % after warm-up | RSS after {soak['settings']['warmup_s']:.0f} s "
+        f"| {rss['after_warmup']:.1f} → {rss['end']:.1f} MiB ({rss['growth_after_warmup_pct']:+.2f} %) | "
+        f"{rss['end'] / rss['after_warmup']:.3f} | {_verdict(g['rss_growth_lt_5pct'])} |",
+    ]
+    return rows
+
+
+# --- disclosure (issue 13) ---
+def disclosure_rows(doc: dict[str, Any] | None) -> list[str]:
+    """Issue 13's score-oracle measurement (``results/disclosure_evasion.json``): evasion with score vs verdict."""
+    if doc is None:
+        return ["| 7e. disclosure: score-guided evasion | verdict (default) gives the attacker less than score | | "
+                "not measured | | not measured |"]
+    m = doc["modes"]
+
+    def cell(mode: str) -> str:
+        x = m[mode]
+        rate = "–" if x["success_rate"] is None else f"{x['success_rate']:.0%}"
+        queries = "" if x["queries_median"] is None else f", median {x['queries_median']:.0f} queries"
+        return f"{mode}: {x['evaded']}/{x['attacked']} evaded ({rate}{queries})"
+
+    s, v = m["score"], m["verdict"]
+    ok = None if not s["attacked"] else (v["success_rate"] or 0) <= (s["success_rate"] or 0)
+    return [f"| 7e. disclosure: score-guided evasion | verdict (default) gives the attacker less than score | "
+            f"Square-style search from a flagged PGD input, budget {doc['settings']['budget']} queries, "
+            f"L∞ {doc['settings']['eps_255']:.0f}/255 | {cell('score')}; {cell('verdict')} | | {_verdict(ok)} |"]
+
+
+# --- probing detection (issue 12) ---
+def probing_rows(doc: dict[str, Any] | None) -> list[str]:
+    """Issue 12's probing goals (``results/probing.json``, ``benchmarks/probing.py``)."""
+    if doc is None or "summary" not in doc:
+        return ["| 8. probing detection | every black-box attack detected before its median query-to-success, "
+                "median ≤ 10 queries, ≤ 0.1 % clean clients flagged | | not measured | | not measured |"]
+    s = doc["summary"]
+    attacks = "; ".join(f"{name}: median {a['median_detection']}, worst {a['worst_detection']}, in time "
+                        f"{a.get('runs_detected_in_time', '?')}/{a.get('runs', '?')}" for name, a in s["attacks"].items())
+    ct = doc["clean_test"]
+    return [
+        f"| 8a. probing: detection before success | every attack detected before its median query-to-success | "
+        f"Square ≈ 22 (or a run's own success), HopSkipJump ≈ 55, one-pixel ≈ 60 queries; through the sidecar | "
+        f"{attacks} | | "
+        f"{_verdict(s['goals']['every_attack_before_success'])} |",
+        f"| 8b. probing: median detection | ≤ 10 queries | | {s['median_detection']} | | "
+        f"{_verdict(s['goals']['median_detection_le_10'])} |",
+        f"| 8c. probing: clean clients flagged | ≤ 0.1 % | corpus test part, {ct['clients']} clients × {ct['queries']} "
+        f"queries | {ct['flagged']} flagged ({ct['flagged_share'] * 100:.2f} %) | | "
+        f"{_verdict(s['goals']['clean_flagged_le_0.1%'])} |",
+    ]
+
+
 def render(results: Path) -> str:
     table = ["", "## Goals", "", "| goal | target | reference | measured | ratio | result |", "|---|---|---|---|---|---|"]
     details: list[str] = ["", "## Details"]
@@ -237,7 +320,10 @@ def render(results: Path) -> str:
     c_table, c_detail = cost_rows(_load(results, "detection_cost"))
     m_table, m_detail = memory_rows(_load(results, "sidecar_memory"))
     table += [e_table[0], *p_table, *c_table, *m_table, *e_table[1:],
-              *detection_rows(_load(results / "corpus_study", "results"))]
+              *detection_rows(_load(results / "corpus_study", "results")),
+              *robustness_rows(_load(results, "fuzz"), _load(results, "fault_soak")),
+              *disclosure_rows(_load(results, "disclosure_evasion")),  # issue 13
+              *probing_rows(_load(results, "probing"))]  # issue 12
     details += e_detail + p_detail + c_detail + m_detail
     notes = HERE / "notes.md"
     tail = ["", notes.read_text().rstrip()] if notes.exists() else []

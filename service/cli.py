@@ -21,6 +21,8 @@ from service.commands import calibrate as _calibrate_cmd
 from service.commands import export_model as _export_model_cmd
 from service.commands import score as _score_cmd
 from service.commands import serve as _serve_cmd
+from service.commands import explain as _explain_cmd  # issue 14
+from service.commands import probe as _probe_cmd  # issue 14
 
 EXIT_INPUT_ERROR = 3
 EXIT_CALIBRATION_ERROR = 4
@@ -45,6 +47,8 @@ _attack_cmd.register(app)
 _serve_cmd.register(app)
 _export_model_cmd.register(app)
 _calibrate_cmd.register(app)
+_explain_cmd.register(app)  # issue 14
+_probe_cmd.register(app)  # issue 14
 
 
 def main() -> None:  # pragma: no cover - console entry point convenience

@@ -107,6 +107,91 @@ class SidecarMetrics:
             registry=r,
         )
         self.upstream_up = Gauge("advsentry_upstream_ready", "1 when the upstream Triton reports ready.", registry=r)
+        self.hook_errors = Counter(
+            "advsentry_hook_errors",
+            "Exceptions raised by a request hook's observe() (logged; the request is served anyway).",
+            ("hook",), registry=r,
+        )
+        # --- capture ring (issue 14) ---
+        self.capture_dropped = Counter(
+            "advsentry_capture_dropped",
+            "Flagged requests the capture ring did not keep, by reason (queue_full|too_large|write_error).",
+            ("reason",), registry=r,
+        )
+        for reason in ("queue_full", "too_large", "write_error"):
+            self.capture_dropped.labels(reason)
+        self.capture_written = Counter(
+            "advsentry_capture_written", "Flagged requests written to the capture ring.", registry=r
+        )
+        self.capture_items = Gauge("advsentry_capture_items", "Requests held in the capture ring.", registry=r)
+        self.capture_bytes = Gauge("advsentry_capture_bytes", "Bytes held in the capture ring.", registry=r)
+
+        # --- disclosure & load shedding (issue 13) ---
+        self.invalid_inputs = Counter(
+            "advsentry_invalid_inputs",
+            "Inputs (batch items) carrying NaN/Inf values, by policy (reject refuses the request; annotate and "
+            "shadow forward it, flagged).",
+            (*LABELS, "policy"), registry=r,
+        )
+        self.shed = Counter(
+            "advsentry_shed_requests",
+            "Intercepted requests refused with RESOURCE_EXHAUSTED by load shedding, by limit "
+            "(process|client).",
+            ("reason",), registry=r,
+        )
+        for reason in ("process", "client"):
+            self.shed.labels(reason)
+        self.shed_in_flight = Gauge(
+            "advsentry_admitted_in_flight", "Intercepted requests admitted by load shedding and not yet done.",
+            registry=r,
+        )
+
+        # --- probing detection (issue 12) ---
+        self.probing_flagged_clients = Counter(
+            "advsentry_probing_flagged_clients",
+            "Times a client was flagged as probing (its recent queries sit too close together).",
+            registry=r,
+        )
+        self.probing_detections = Counter(
+            "advsentry_probing_detections",
+            "Probing detections by policy (shadow: metrics only; annotate; reject: cool-down refusals follow).",
+            ("policy",), registry=r,
+        )
+        for policy in ("shadow", "annotate", "reject"):
+            self.probing_detections.labels(policy)
+        self.probing_rejected = Counter(
+            "advsentry_probing_rejected",
+            "Requests refused with PERMISSION_DENIED during a flagged client's cool-down.",
+            registry=r,
+        )
+        self.probing_clients = Gauge(
+            "advsentry_probing_clients", "Clients whose query history the probing detector holds.", registry=r
+        )
+        self.probing_knn_distance = Histogram(
+            "advsentry_probing_knn_distance",
+            "Mean distance of a query's embedding to its client's k nearest previous queries (unit vectors, 0..2).",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0),
+            registry=r,
+        )
+
+        # --- traffic calibration (issue 12) ---
+        self.traffic_scores = Counter(
+            "advsentry_traffic_scores",
+            "Scores added to the traffic sketch (finite scores of every policy, shadow included).",
+            LABELS, registry=r,
+        )
+        self.traffic_implied_fpr = Gauge(
+            "advsentry_traffic_implied_fpr",
+            "Share of the sketched traffic (retained windows) scoring above the threshold in force: its false "
+            "positive rate on this traffic if the traffic is clean (attacks count too). Updated on each flush.",
+            LABELS, registry=r,
+        )
+        self.traffic_target_fpr = Gauge(
+            "advsentry_traffic_target_fpr",
+            "target_fpr of the calibration artifact in force, NaN when it has none (compare with "
+            "advsentry_traffic_implied_fpr).",
+            LABELS, registry=r,
+        )
 
     def observe_detector_call(self, model: str, inputs: int, requests: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(inputs)

@@ -55,6 +55,32 @@ class EntropyIn(str, Enum):
     sidecar = "sidecar"
 
 
+class Disclosure(str, Enum):  # --- disclosure & load shedding (issue 13) ---
+    """What an annotated response (and a rejection) tells the client.
+
+    ``none``: no ``advsentry_*`` parameters at all (``reject`` still rejects);
+    ``verdict``: booleans only (``advsentry_adversarial``, ``advsentry_invalid_input``,
+    hooks' flags) and the non-numeric ``advsentry_error``/``advsentry_calibration``;
+    ``score``: also the scores and the threshold. Trusted callers
+    (``trusted_clients``, ``trusted_metadata``) always get ``score``. A score is an
+    oracle an attacker can minimize query by query; the full detail stays in
+    metrics, traces and logs.
+    """
+
+    none = "none"
+    verdict = "verdict"
+    score = "score"
+
+
+class ProbingPolicy(str, Enum):  # --- probing (issue 12) ---
+    """What the sidecar does when a client's queries look like a black-box attack (service/probing.py)."""
+
+    off = "off"
+    shadow = "shadow"  # metrics only
+    annotate = "annotate"  # response parameter advsentry_probing
+    reject = "reject"  # PERMISSION_DENIED for probing_cooldown_s
+
+
 class ModelProtection(BaseModel):
     """Per-model configuration: which outputs carry the feature maps, which policy and calibration."""
 
@@ -63,6 +89,9 @@ class ModelProtection(BaseModel):
     )
     policy: Policy | None = Field(default=None, description="Overrides the global policy for this model.")
     calibration: Path | None = Field(default=None, description="Calibration artifact for this model.")
+    disclosure: Disclosure | None = Field(  # issue 13
+        default=None, description="Overrides the global disclosure for this model."
+    )
 
 
 class Settings(BaseSettings):
@@ -108,10 +137,139 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(default=10.0, ge=0, description="Time in-flight calls get to finish on stop.")
     health_poll_s: float = Field(default=2.0, gt=0, description="Upstream readiness poll interval.")
+    # --- TLS (issue 13) ---
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate (chain) of the gRPC listener; set: TLS on, plaintext refused."
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle that client certificates must chain to (mTLS); "
+        "needs tls_require_client_cert.",
+    )
+    tls_require_client_cert: bool = Field(
+        default=False, description="mTLS: refuse clients without a certificate from tls_client_ca_file."
+    )
+    upstream_tls: bool = Field(default=False, description="Connect to the upstream Triton over TLS.")
+    upstream_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle that verifies the upstream's certificate (unset: system roots)."
+    )
+    upstream_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate presented to the upstream (mTLS to Triton)."
+    )
+    upstream_key_file: Path | None = Field(default=None, description="PEM private key of upstream_cert_file.")
+    upstream_server_name: str | None = Field(
+        default=None, description="Name expected in the upstream's certificate when it differs from the host."
+    )
+    tls_reload_interval_s: float = Field(
+        default=5.0, gt=0, description="How often changed TLS files are looked for (hot reload, both sides)."
+    )
     embedded_model_repository: Path | None = Field(
         default=None, description="Model repository for the embedded Triton; default: export the bundled model."
     )
     embedded_max_batch_size: int = Field(default=8, ge=1, description="max_batch_size of the embedded model.")
+    # --- client identity (shared by disclosure, load shedding, probing) ---
+    client_id_metadata_key: str | None = Field(
+        default=None,
+        description="gRPC metadata key naming the client (e.g. x-client-id) when no mTLS subject is present; "
+        "only trust it behind a gateway that sets it. Unset: the peer address identifies the client.",
+    )
+    # --- disclosure & load shedding (issue 13) ---
+    disclosure: Disclosure = Field(
+        default=Disclosure.verdict,
+        description="What clients learn: none (no advsentry_* parameters) | verdict (flags only) | "
+        "score (scores and threshold too). Trusted clients always get score.",
+    )
+    trusted_clients: list[str] = Field(
+        default_factory=list,
+        description="Client identity keys that get score disclosure: mtls:<subject>, metadata:<value> "
+        "(with client_id_metadata_key), peer:<host>.",
+    )
+    trusted_metadata: list[str] = Field(
+        default_factory=list,
+        description="KEY=VALUE gRPC metadata pairs (a shared secret header) that make a caller trusted; "
+        "compared in constant time.",
+    )
+    detector_api: bool = Field(
+        default=True,
+        description="Serve advsentry.v1.DetectorService (Detect returns scores: with disclosure other than "
+        "score only trusted callers may call it).",
+    )
+    max_in_flight: int = Field(
+        default=256, ge=0, description="Most intercepted requests in progress per process; beyond it "
+        "RESOURCE_EXHAUSTED at once (0: no limit).",
+    )
+    max_in_flight_per_client: int = Field(
+        default=64, ge=0, description="Most intercepted requests in progress per client identity (0: no limit).",
+    )
+    # --- capture (issue 14) ---
+    capture_dir: Path | None = Field(
+        default=None,
+        description="Keep flagged requests (input tensors, scores, signals, request id) in this directory "
+        "for `advsentry explain --capture`; unset: off. Captured inputs are user data (see README).",
+    )
+    capture_max_items: int = Field(default=1000, ge=1, description="Most requests the capture ring keeps.")
+    capture_max_bytes: int = Field(
+        default=1 << 30, ge=1024, description="Most bytes the capture ring keeps on disk (oldest evicted first)."
+    )
+    capture_sample_rate: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of flagged requests the capture ring keeps."
+    )
+    capture_max_age_s: float | None = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Captured requests older than this are deleted (retention)."
+    )
+    capture_queue_size: int = Field(
+        default=64, ge=1, description="Flagged requests waiting for the capture writer; beyond it they are "
+        "dropped (advsentry_capture_dropped_total), never waited for.",
+    )
+    # --- probing (issue 12) ---
+    probing_policy: ProbingPolicy = Field(
+        default=ProbingPolicy.shadow,
+        description="Stateful probing detection per client: off | shadow (metrics only) | annotate "
+        "(response parameter advsentry_probing) | reject (PERMISSION_DENIED during a cool-down). Needs a model "
+        "that serves advsentry_embedding (advsentry export-model).",
+    )
+    probing_threshold: float = Field(
+        default=0.12, gt=0, description="Flag a client when a query's mean distance to its k nearest previous "
+        "queries (unit embeddings, 0..2) falls below this; chosen on the corpus dev part (benchmarks/probing.py).",
+    )
+    probing_k: int = Field(default=8, ge=1, description="Neighbours averaged (fewer while the history is shorter).")
+    probing_min_queries: int = Field(
+        default=3, ge=1, description="Previous queries a client needs before it can be flagged."
+    )
+    probing_history: int = Field(default=100, ge=1, description="Embeddings kept per client (ring).")
+    probing_max_clients: int = Field(
+        default=1024, ge=1, description="Clients whose history is kept (least recently seen evicted first).",
+    )
+    probing_cooldown_s: float = Field(
+        default=300.0, ge=0, description="How long a flagged client stays flagged (annotate) or refused (reject).",
+    )
+    probing_allow_clients: list[str] = Field(
+        default_factory=list, description="Client identity keys never flagged (benign bursty clients, e.g. video "
+        "frames): mtls:<subject>, metadata:<value>, peer:<host>.",
+    )
+    # --- traffic calibration (issue 12) ---
+    traffic_sketch: bool = Field(
+        default=True, description="Keep a quantile sketch (DDSketch) of scores per model and calibration, in every "
+        "policy: GetStatus and advsentry_traffic_implied_fpr report the share of traffic above the threshold; "
+        "`advsentry calibrate traffic` derives a threshold from it.",
+    )
+    traffic_state_path: Path | None = Field(
+        default=None, description="File the traffic sketches persist to (atomic writes; read back at start). "
+        "Unset: kept in memory only, lost on restart.",
+    )
+    traffic_flush_s: float = Field(
+        default=60.0, gt=0, description="How often the traffic state is written and its metrics updated "
+        "(and on stop).",
+    )
+    traffic_window_s: float = Field(default=3600.0, gt=0, description="Traffic sketch window (one sketch per window).")
+    traffic_max_windows: int = Field(
+        default=168, ge=1, description="Windows kept; older ones are dropped (retention = window × this; "
+        "default one week of hourly windows).",
+    )
+    traffic_relative_accuracy: float = Field(
+        default=0.005, gt=0, lt=1, description="DDSketch relative accuracy: every quantile within this fraction "
+        "of the exact value (sketches of different accuracies do not merge).",
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
     config_file: Path | None = Field(default=None, description="YAML settings file (ADVSENTRY_CONFIG_FILE).")
 
@@ -133,6 +291,41 @@ class Settings(BaseSettings):
         ):
             raise ValueError("policy 'reject' needs a calibration artifact (--calibration) for its threshold")
         return self
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "Settings":  # TLS (issue 13)
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("TLS on the listener needs both tls_cert_file and tls_key_file")
+        if (self.tls_client_ca_file or self.tls_require_client_cert) and not self.tls_cert_file:
+            raise ValueError("client certificates (tls_client_ca_file, tls_require_client_cert) need TLS: "
+                             "set tls_cert_file and tls_key_file")
+        if self.tls_require_client_cert and not self.tls_client_ca_file:
+            raise ValueError("tls_require_client_cert needs tls_client_ca_file (the CA client certificates chain to)")
+        if self.tls_client_ca_file and not self.tls_require_client_cert:
+            raise ValueError("tls_client_ca_file is only used with tls_require_client_cert=true "
+                             "(gRPC does not request optional client certificates)")
+        upstream_files = {"upstream_ca_file": self.upstream_ca_file, "upstream_cert_file": self.upstream_cert_file,
+                          "upstream_key_file": self.upstream_key_file, "upstream_server_name": self.upstream_server_name}
+        given = [name for name, value in upstream_files.items() if value]
+        if given and not self.upstream_tls:
+            raise ValueError(f"{', '.join(given)} only apply with upstream_tls=true")
+        if bool(self.upstream_cert_file) != bool(self.upstream_key_file):
+            raise ValueError("a client certificate towards the upstream needs both upstream_cert_file and "
+                             "upstream_key_file")
+        return self
+
+    @field_validator("trusted_metadata")
+    @classmethod
+    def _check_trusted_metadata(cls, value: list[str]) -> list[str]:  # disclosure (issue 13)
+        for pair in value:
+            key, sep, secret = pair.partition("=")
+            if not sep or not key.strip() or not secret:
+                raise ValueError(f"trusted_metadata entries are KEY=VALUE with a non-empty value, got {pair.split('=')[0]!r}=...")
+        return value
+
+    def disclosure_for(self, model_name: str) -> Disclosure:  # disclosure (issue 13)
+        protection = self.models.get(model_name)
+        return protection.disclosure if protection and protection.disclosure else self.disclosure
 
     @classmethod
     def settings_customise_sources(

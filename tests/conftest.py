@@ -40,3 +40,19 @@ def photo_batch():
     from detector.samples import full_photo_samples, to_tensor
 
     return to_tensor([sample.pixels() for sample in full_photo_samples()[:4]])
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    """A real tritonserver serving the exported bundled model, one per test module that asks for it.
+
+    Per module, not per session: some modules kill or restart it on purpose.
+    Modules that need another repository define their own ``triton``.
+    """
+    from e2e_triton import export_bundled
+    from service.triton.server import TritonServer
+
+    server = TritonServer(export_bundled(tmp_path_factory.mktemp("repo")))
+    server.start()
+    yield server
+    server.stop()

@@ -143,3 +143,121 @@ def test_corpus_study_smoke(tmp_path):
     main(["--smoke", "--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")])
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["selection"] == results["selection"]
+
+
+# --- traffic calibration (issue 12) ---
+def test_traffic_calibration_benchmark_smoke(tmp_path):
+    """Synthetic scores through the real path (TrafficState -> state file -> calibrate_from_traffic)."""
+    from benchmarks.traffic_calibration import main
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "traffic_calibration_smoke.json").read_text())
+    assert set(result["scenarios"]) == {"dev->test", "test half->other half"}
+    for scenario in result["scenarios"].values():
+        rows = scenario["rows"]
+        assert {(r["adversarial_share"], r["target_fpr"], r["trim"]) for r in rows} == {
+            (a, t, r) for a in (0.0, 0.01, 0.05) for t in (0.01, 0.05) for r in (0.0, 0.01, 0.05)}
+        for row in rows:
+            assert row["sketch_vs_exact_max_relative"] <= 0.005 + 1e-9  # the sketch's relative accuracy
+            fpr = row["realized_fpr"]
+            assert 0.0 <= fpr["low"] <= fpr["value"] <= fpr["high"] <= 1.0
+        # more trim, lower threshold (more alarms), for the same stream and target
+        by = {(r["adversarial_share"], r["target_fpr"], r["trim"]): r["threshold_median"] for r in rows}
+        assert by[(0.05, 0.01, 0.05)] < by[(0.05, 0.01, 0.0)]
+    assert "| attacks in stream |" in (tmp_path / "traffic_calibration_smoke.md").read_text()
+
+
+# --- fuzzing and fault soak (issue 13) ---
+@pytest.mark.slow
+def test_fuzz_benchmark_smoke(tmp_path):
+    """A few hundred fuzzed requests through a real sidecar and Triton: counted, no broken rule."""
+    from benchmarks.fuzz import main
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "fuzz_smoke.json").read_text())
+    totals = result["totals"]
+    assert result["complete"] and totals["requests"] == 300
+    assert sum(totals["codes"].values()) >= totals["requests"]
+    assert totals["problems"] == 0 and totals["hangs"] == 0 and totals["crashes"] == 0, totals["examples"]
+    assert totals["not_serving_checks"] == 0
+
+
+@pytest.mark.slow
+def test_fault_soak_benchmark_smoke(tmp_path):
+    """One minute of load with one Triton SIGKILL + restart: every call ended, no message lost or duplicated."""
+    from benchmarks.fault_soak import main
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "fault_soak_smoke.json").read_text())
+    streams = result["streams"]
+    assert result["hangs"] == 0
+    assert streams["lost"] == 0 and streams["duplicated"] == 0 and streams["unknown_ids"] == 0
+    assert streams["accounted"] == streams["messages_sent"] > 0
+    assert len(result["restarts"]) == 1 and result["restarts"][0]["ready_at_s"] is not None
+    assert result["sidecar_alive_at_end"]
+    assert (tmp_path / "fault_soak_smoke.md").read_text().startswith("# Fault soak")
+
+
+# --- issue 11: black box with probing through a real Triton (benchmarks/corpus_study/blackbox.py) ---
+@pytest.mark.slow
+def test_corpus_blackbox_smoke(tmp_path):
+    """Square and HopSkipJump as a remote client of a real Triton on bundled crops, then the detector on Triton's [B, F]."""
+    from benchmarks.corpus_study.blackbox import main
+
+    args = ["--smoke", "--cache", str(tmp_path / "cache")]
+    main([*args, "--out", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "blackbox.json").read_text())
+    assert set(results["attacks"]) == {"square_linf_8", "hopskipjump"}
+    for attack in results["attacks"].values():
+        assert attack["attempted"] >= 1
+        check = attack["query_crosscheck"]  # every image the client sent is one Triton inference
+        assert check["sent_by_client"] > 0 and check["equal"]
+    square = results["attacks"]["square_linf_8"]
+    assert square["successful"] == 0 or square["linf_255_max"] <= 8 + 1e-3
+    for by_detector in results["detection"].values():
+        assert set(by_detector) == {"default", "feature_squeezing", "paper"}
+        for entry in by_detector.values():
+            assert entry["adversarial"] == 0 or 0.0 <= entry["auc"]["value"] <= 1.0
+    assert "Detection of the successful 8-bit adversarials" in (tmp_path / "out" / "blackbox.md").read_text()
+    # A rerun is served from the per-input cache: no attack query reaches Triton, same outcomes.
+    main([*args, "--out", str(tmp_path / "again")])
+    again = json.loads((tmp_path / "again" / "blackbox.json").read_text())
+    for name, attack in again["attacks"].items():
+        assert attack["query_crosscheck"]["sent_by_client"] == 0
+        assert attack["successful"] == results["attacks"][name]["successful"]
+
+
+def test_probing_benchmark_smoke(tmp_path):
+    """Probing detection (issue 12): offline attack streams, clean clients and the video burst through ProbingDetector."""
+    from benchmarks.probing import main
+
+    args = ["--smoke", "--results-dir", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    main(args)
+    result = json.loads((tmp_path / "probing_smoke.json").read_text())
+    assert set(result["embedding_choice"]["candidates"]) == {"pixels16_proj64", "penultimate_proj64"}
+    assert result["threshold"]["chosen"] > 0 and result["clean_test"]["clients"] == 20
+    assert result["video"]["queries_until_detection"] is not None  # near-duplicate frames look like probing
+    for row in result["attacks_offline_detection"].values():
+        assert row["queries_sent"] > 0
+    assert "| history | observe() median |" in (tmp_path / "probing_smoke.md").read_text()
+    # A rerun reuses the recorded attack streams and finished stages.
+    again = main(args)
+    assert again["attacks_offline"] == result["attacks_offline"]
+
+
+@pytest.mark.slow
+def test_disclosure_evasion_benchmark_smoke(tmp_path):
+    """Disclosure (issue 13): the score-guided search vs the verdict-only one, through Triton + two sidecars."""
+    from benchmarks.disclosure_evasion import main
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "disclosure_evasion_smoke.json").read_text())
+    assert set(result["modes"]) == {"score", "verdict"}
+    rows = result["rows"]
+    assert len(rows) == 2 and {r["mode"] for r in rows} == {"score", "verdict"}
+    for row in rows:
+        assert row["status"] in ("evaded", "budget_exhausted", "not_flagged", "no_start", "not_adversarial_remotely")
+        assert row["queries"] <= 6
+    # the verdict-only attacker never sees a score
+    assert all(r.get("first_score") is None for r in rows if r["mode"] == "verdict")
+    assert "| disclosure |" in (tmp_path / "disclosure_evasion_smoke.md").read_text()

@@ -93,7 +93,8 @@ def test_artifact_is_in_force_in_the_detector_and_a_running_sidecar(triton, prob
     live = tmp_path / "live.json"  # the sidecar starts on the shipped default, then hot-reloads the calibration
     live.write_text(DEFAULT_ARTIFACT_PATH.read_text())
     running = RunningSidecar(make_settings(upstream=triton.grpc_address, calibration=live, calibration_poll_s=0.1,
-                                           metrics_port=free_port()), model_identity={MODEL: bundled_identity()})
+                                           metrics_port=free_port(), disclosure="score"),
+                             model_identity={MODEL: bundled_identity()})
     try:
         client = grpcclient.InferenceServerClient(running.address)
 

@@ -34,6 +34,7 @@ KUSTOMIZATIONS = {
     "base": K8S / "base",
     "cpu": K8S / "overlays" / "cpu",
     "gpu": K8S / "overlays" / "gpu",
+    "tls": K8S / "overlays" / "tls",  # TLS (issue 13)
     "calibration": K8S / "calibration",
 }
 _SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "labels", "images", "patches"}
@@ -132,6 +133,10 @@ def validate(document: dict) -> None:
         path = SCHEMAS / f"{document['kind'].lower()}-monitoring-{document['apiVersion'].split('/')[1]}.json"
         schema = json.loads(path.read_text())
         jsonschema.Draft202012Validator(schema).validate(document)
+        return
+    if document["apiVersion"].startswith("cert-manager.io/"):  # TLS overlay (issue 13)
+        path = SCHEMAS / f"{document['kind'].lower()}-cert-manager-{document['apiVersion'].split('/')[1]}.json"
+        jsonschema.Draft202012Validator(json.loads(path.read_text())).validate(document)
         return
     import kubernetes_validate
 
@@ -247,7 +252,7 @@ def test_settings_and_env_are_valid_sidecar_settings(rendered):
     data = _settings_yaml(base)
     settings = Settings(**data)
     assert settings.upstream and settings.calibration
-    for name in ("base", "gpu"):
+    for name in ("base", "gpu", "tls"):
         for container in _containers(rendered[name][("Deployment", "advsentry")]).values():
             for env in container.get("env", []):
                 if env["name"].startswith("ADVSENTRY_") and container["name"] == "advsentry":
@@ -365,3 +370,54 @@ def test_calibration_job_flags_exist_in_the_calibrate_cli(rendered):
             if f"calibrate {subcommand}" in command:
                 unknown = set(_shell_flags(command, subcommand)) - options
                 assert not unknown, f"advsentry calibrate {subcommand} has no option(s) {unknown}"
+
+
+# --- TLS overlay (issue 13) -----------------------------------------------------------------------
+
+
+def test_tls_overlay_mounts_the_cert_manager_secret_and_turns_on_mtls(rendered):
+    from service.settings import Settings
+
+    tls = rendered["tls"]
+    deployment = tls[("Deployment", "advsentry")]
+    sidecar = _containers(deployment)["advsentry"]
+    certificate = tls[("Certificate", "advsentry-tls")]["spec"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert volumes["tls"]["secret"]["secretName"] == certificate["secretName"]
+    assert "subPath" not in mounts["tls"], "subPath mounts are never updated: certificate renewals would not arrive"
+    env = {e["name"].removeprefix("ADVSENTRY_").lower(): e["value"] for e in sidecar["env"]
+           if e["name"].startswith("ADVSENTRY_TLS_")}
+    settings = Settings(**env, **{k: v for k, v in _settings_yaml(tls).items()})
+    assert settings.tls_require_client_cert and settings.tls_client_ca_file
+    for path in (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file):
+        assert path.parent == Path(mounts["tls"]["mountPath"])
+        assert path.name in ("tls.crt", "tls.key", "ca.crt")  # the keys cert-manager writes
+    assert {"server auth", "client auth"} <= set(certificate["usages"])
+    assert certificate["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer")
+    # Probes: the kubelet's gRPC probe cannot do TLS; the exec probes present the pod's certificate.
+    assert "grpc" not in sidecar["readinessProbe"]
+    from service import health_probe
+
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = sidecar[probe]["exec"]["command"]
+        assert command[:3] == ["python", "-m", "service.health_probe"]
+        flags = {k: v for k, v in zip(command[3:], command[4:]) if k.startswith("--") and not v.startswith("--")}
+        assert flags["--cert-file"] == str(settings.tls_cert_file) and flags["--key-file"] == str(settings.tls_key_file)
+        assert flags["--ca-file"] == str(settings.tls_client_ca_file)
+        assert flags["--server-name"] in certificate["dnsNames"]
+        with pytest.raises(SystemExit) as parsed:  # every flag exists in the probe's parser
+            health_probe.main([*command[3:], "--help"])
+        assert parsed.value.code == 0
+
+
+def test_a_broken_certificate_fails_validation(rendered):
+    certificate = copy.deepcopy(rendered["tls"][("Certificate", "advsentry-tls")])
+    validate(copy.deepcopy(certificate))
+    certificate["spec"]["dnsName"] = certificate["spec"].pop("dnsNames")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(certificate)
+    certificate = copy.deepcopy(rendered["tls"][("Certificate", "advsentry-tls")])
+    certificate["spec"]["usages"].append("serverauth")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(certificate)

@@ -44,6 +44,8 @@ EXPECTED_ALERTS = {
     "AdvsentryCalibrationStale",
     "AdvsentryCalibrationRefused",
     "AdvsentryMetricsDown",
+    "AdvsentryProbingClient",  # probing detection (issue 12)
+    "AdvsentrySheddingRequests",  # load shedding (issue 13)
 }
 #: Grafana variables and what the test substitutes (all models/namespaces, a 1-minute window).
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$model": ".*"}
@@ -284,7 +286,7 @@ def stack(tmp_path_factory):
         clean = photo_pixels(1)
         adversarial = _fgsm(clean)
         identity = {MODEL: bundled_identity()}
-        probe = RunningSidecar(make_settings(upstream=triton.grpc_address), model_identity=identity)
+        probe = RunningSidecar(make_settings(upstream=triton.grpc_address, disclosure="score"), model_identity=identity)
         try:
             import tritonclient.grpc as grpcclient
 
@@ -416,7 +418,8 @@ def test_attack_fires_alert_and_every_rule_and_panel_returns_data(stack, capsys)
     # legitimately react to the attack or to a loaded test machine.)
     firing = {a["labels"]["alertname"] for a in prometheus.alerts() if a["state"] == "firing"}
     unrelated = {"AdvsentryUpstreamNotReady", "AdvsentryMetricsDown", "AdvsentryCalibrationStale",
-                 "AdvsentryCalibrationRefused", "AdvsentryScoringFailures", "AdvsentryServerErrors"}
+                 "AdvsentryCalibrationRefused", "AdvsentryScoringFailures", "AdvsentryServerErrors",
+                 "AdvsentrySheddingRequests"}
     assert not firing & unrelated, firing
 
 

@@ -97,7 +97,9 @@ def triton(repository):
 def sidecar(triton):
     from detector.models import bundled_identity
 
-    running = RunningSidecar(make_settings(upstream=triton.grpc_address, metrics_port=_free_port()),
+    # disclosure=score: these tests read the score (what the default hides is tests/test_disclosure.py's)
+    running = RunningSidecar(make_settings(upstream=triton.grpc_address, metrics_port=_free_port(),
+                                           disclosure="score"),
                              model_identity={MODEL: bundled_identity()})
     yield running
     running.stop()
@@ -153,6 +155,8 @@ def calibration(tmp_path_factory, scores) -> Path:
 
 def _sidecar_with(triton, **settings) -> RunningSidecar:
     from detector.models import bundled_identity
+
+    settings.setdefault("disclosure", "score")  # these tests read scores and thresholds
 
     return RunningSidecar(make_settings(upstream=triton.grpc_address, **settings),
                           model_identity={MODEL: bundled_identity()})
@@ -262,14 +266,14 @@ def test_stream_answers_in_order_and_survives_a_bad_message(sidecar):
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
     good = photo_pixels(1)
-    bad = np.full_like(good, np.nan)
+    bad = np.ascontiguousarray(good[:, :, :112])  # wrong shape (NaN is forwarded under annotate, see test_disclosure)
     plan = [("a", good), ("b", bad), ("c", photo_pixels(0)), ("d", good)]
     for request_id, pixels in plan:
         client.async_stream_infer(MODEL, [infer_input(pixels)], request_id=request_id, outputs=outputs("logits"))
     got = [answers.get(timeout=60) for _ in plan]
     client.stop_stream()
     assert answers.empty()
-    assert got[1][0] is None and "NaN" in str(got[1][1])
+    assert got[1][0] is None and "does not match" in str(got[1][1])
     ok = [result for result, error in got if error is None]
     assert [r.get_response().id for r in ok] == ["a", "c", "d"]
     for result in ok:
@@ -335,8 +339,6 @@ def _bad_requests():
             r.raw_input_contents.append(blob)
         return r
 
-    nan = good.copy()
-    nan[0, 0, 0, 0] = np.inf
     return [
         ("unknown model", request(model="nope"), grpc.StatusCode.NOT_FOUND, "unknown model"),
         ("missing input", request(inputs=[], raw=[]), grpc.StatusCode.INVALID_ARGUMENT, "missing input"),
@@ -347,7 +349,6 @@ def _bad_requests():
         ("wrong shape", request(inputs=[("pixels", "FP32", [1, 3, 112, 448])]),
          grpc.StatusCode.INVALID_ARGUMENT, "does not match"),
         ("byte size", request(raw=[raw[:-4]]), grpc.StatusCode.INVALID_ARGUMENT, "needs 602112 bytes"),
-        ("inf", request(raw=[nan.tobytes()]), grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite"),
         ("batch too large", request(inputs=[("pixels", "FP32", [9, 3, 224, 224])], raw=[raw * 9]),
          grpc.StatusCode.INVALID_ARGUMENT, "batch"),
     ]

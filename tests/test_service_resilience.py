@@ -14,19 +14,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from e2e_triton import MODEL, LoopThread, RunningSidecar, export_bundled, infer_input, make_settings, outputs, photo_pixels
+from e2e_triton import MODEL, LoopThread, RunningSidecar, infer_input, make_settings, outputs, photo_pixels
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory):
-    from service.triton.server import TritonServer
-
-    server = TritonServer(export_bundled(tmp_path_factory.mktemp("repo")))
-    server.start()
-    yield server
-    server.stop()
 
 
 class RecordingProxy:
@@ -92,7 +82,7 @@ def test_spans_parent_child_and_traceparent_sent_upstream(triton):
 
 
 def test_graceful_shutdown_drains_in_flight_call(triton):
-    running = RunningSidecar(make_settings(upstream=triton.grpc_address))
+    running = RunningSidecar(make_settings(upstream=triton.grpc_address, disclosure="score"))
     client = grpcclient.InferenceServerClient(running.address)
     result: dict = {}
 
@@ -114,7 +104,7 @@ def test_graceful_shutdown_drains_in_flight_call(triton):
 def test_detector_service_detect_stream_and_status(triton):
     from service._proto.advsentry.v1 import detector_pb2, detector_pb2_grpc
 
-    running = RunningSidecar(make_settings(upstream=triton.grpc_address))
+    running = RunningSidecar(make_settings(upstream=triton.grpc_address, disclosure="score"))
     try:
         stub = detector_pb2_grpc.DetectorServiceStub(grpc.insecure_channel(running.address))
         pixels = np.ascontiguousarray(photo_pixels(1))
@@ -166,7 +156,7 @@ def test_library_interceptor_protects_a_teams_own_server(triton, tmp_path):
     from test_service_e2e import write_calibration
 
     calibration = write_calibration(tmp_path / "cal.json", -1000.0)  # below any score: flags everything
-    interceptor = build_interceptor(Settings(models={MODEL: {}}, calibration=calibration, policy="reject"))
+    interceptor = build_interceptor(Settings(models={MODEL: {}}, calibration=calibration, policy="reject", disclosure="score"))
     loop = LoopThread()
 
     class TeamServicer(service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -156,18 +156,73 @@ def test_valid_request_returns_batch_size_and_strip_keeps_raw_contents_aligned()
 
 
 def test_policies():
+    from service.settings import Disclosure
+
     flagged = Assessment(np.array([1.0, 3.0]), 2.0, "cal-x")
     response = service_pb2.ModelInferResponse()
     assert apply_policy(Policy.shadow, response, flagged) == "shadowed" and not response.parameters
-    assert apply_policy(Policy.annotate, response, flagged) == "annotated"
+    assert apply_policy(Policy.annotate, response, flagged, Disclosure.score) == "annotated"
     assert response.parameters["advsentry_adversarial"].bool_param is True
     assert response.parameters["advsentry_score"].double_param == 3.0
     assert response.parameters["advsentry_scores"].string_param == "1.000000,3.000000"
     with pytest.raises(PolicyRejection) as caught:
-        apply_policy(Policy.reject, service_pb2.ModelInferResponse(), flagged)
+        apply_policy(Policy.reject, service_pb2.ModelInferResponse(), flagged, Disclosure.score, "rid1")
     assert "inputs [1] of 2" in str(caught.value) and "threshold 2.000000" in str(caught.value)
+    assert "rejected by advsentry (request id rid1)" in str(caught.value)
+    assert dict(caught.value.trailing_metadata)["advsentry-score"] == "3.000000"
     clean = Assessment(np.array([1.0]), 2.0, "cal-x")
     assert apply_policy(Policy.reject, service_pb2.ModelInferResponse(), clean) == "annotated"
+
+
+def test_disclosure_levels_and_rejection_text():
+    """verdict (the default): flags and the calibration id only; none: nothing; rejections without numbers."""
+    from service.policy import disclosed
+    from service.settings import Disclosure
+
+    flagged = Assessment(np.array([1.0, 3.0]), 2.0, "cal-x")
+    verdict = service_pb2.ModelInferResponse()
+    apply_policy(Policy.annotate, verdict, flagged)
+    assert set(verdict.parameters) == {"advsentry_adversarial", "advsentry_calibration"}
+    nothing = service_pb2.ModelInferResponse()
+    apply_policy(Policy.annotate, nothing, flagged, Disclosure.none)
+    assert not nothing.parameters
+    for disclosure in (Disclosure.verdict, Disclosure.none):
+        with pytest.raises(PolicyRejection) as caught:
+            apply_policy(Policy.reject, service_pb2.ModelInferResponse(), flagged, disclosure, "abc")
+        text = str(caught.value)
+        assert text.startswith("rejected by advsentry (request id abc)")
+        assert "3.0" not in text and "2.0" not in text and "score" not in text and "threshold" not in text
+        assert caught.value.trailing_metadata == ()
+    hook = {"advsentry_probing": True, "advsentry_probe_distance": 0.25, "advsentry_note": "x"}
+    assert disclosed(hook, Disclosure.score) == hook
+    assert disclosed(hook, Disclosure.verdict) == {"advsentry_probing": True}
+    assert disclosed(hook, Disclosure.none) == {}
+    # non-finite batch items are flagged whatever their score
+    invalid = Assessment(np.array([np.nan, 0.5]), 2.0, "cal-x", np.array([True, False]))
+    assert invalid.flags.tolist() == [True, False] and invalid.verdict == "adversarial"
+    response = service_pb2.ModelInferResponse()
+    apply_policy(Policy.annotate, response, invalid)
+    assert response.parameters["advsentry_invalid_input"].bool_param is True
+
+
+def test_trusted_callers():
+    from service.clients import resolve_client
+    from service.settings import Settings
+
+    settings = Settings(trusted_clients=["mtls:ops"], trusted_metadata=["x-advsentry-key=s3cret"],
+                        client_id_metadata_key="x-client-id")
+    ops = resolve_client(settings, peer="ipv4:10.0.0.1:5", auth_context={"x509_common_name": [b"ops"]}, metadata=())
+    assert ops.key == "mtls:ops" and ops.trusted
+    other = resolve_client(settings, peer="ipv4:10.0.0.1:5", auth_context={"x509_common_name": [b"app"]}, metadata=())
+    assert not other.trusted
+    secret = resolve_client(settings, peer="ipv4:10.0.0.1:5", auth_context=None,
+                            metadata=(("X-Advsentry-Key", b"s3cret"), ("x-client-id", "a")))
+    assert secret.trusted and secret.key == "metadata:a"
+    for wrong in ("s3cre", "s3cret ", "S3CRET", ""):
+        assert not resolve_client(settings, peer=None, auth_context=None,
+                                  metadata=(("x-advsentry-key", wrong),)).trusted
+    with pytest.raises(ValueError):
+        Settings(trusted_metadata=["x-advsentry-key"])
 
 
 def test_settings_precedence_flags_env_yaml(tmp_path, monkeypatch):
@@ -248,6 +303,7 @@ def test_a_request_naming_no_outputs_gets_the_models_own_and_the_detectors_hidde
     stale = "advsentry_entropy_0123456789abcdef"  # exported for another calibration
     spec = ModelSpec("m", "1", {"pixels": TensorSpec("FP32", (-1, 3, 2, 2))}, {
         "logits": TensorSpec("FP32", (-1, 5)), "embedding": TensorSpec("FP32", (-1, 8)),
+        "advsentry_embedding": TensorSpec("FP32", (-1, 64)),  # probing (issue 12): never named unasked
         detector.entropy_output: TensorSpec("FP32", (-1, 5)), stale: TensorSpec("FP32", (-1, 5)),
         **{name: TensorSpec("FP32", (-1, 1, 4, 4)) for name in detector.feature_outputs}})
     request = _request(np.zeros((1, 3, 2, 2), np.float32))
@@ -263,5 +319,18 @@ def test_a_request_naming_no_outputs_gets_the_models_own_and_the_detectors_hidde
     # Unknown model outputs (no metadata): Triton sends all, every detector output is removed.
     request = _request(np.zeros((1, 3, 2, 2), np.float32))
     assert _add_detector_outputs(request, None, model_detector, (detector.entropy_output,)) == {
-        *detector.feature_outputs, detector.entropy_output}
+        *detector.feature_outputs, detector.entropy_output, "advsentry_embedding"}  # probing embedding (issue 12)
     assert not request.outputs
+
+
+def test_non_finite_inputs_allowed_and_located_per_batch_item():
+    from service.inference import non_finite_items
+
+    values = np.zeros((3, 3, 2, 2), np.float32)
+    values[1, 2, 1, 1] = np.nan
+    request = _request(values)
+    with pytest.raises(RequestError):
+        validate_request(request, SPEC)
+    assert validate_request(request, SPEC, allow_non_finite=True) == 3
+    assert non_finite_items(request, 3).tolist() == [False, True, False]
+    assert non_finite_items(_request(np.zeros((2, 3, 2, 2), np.float32)), 2) is None

@@ -19,6 +19,8 @@ Gradients (the checklist's "approximate non-differentiable steps"):
   differentiable): the forward value is exact; the backward pass goes through
   a soft version (no quantization; patch multiplicities counted with a
   Gaussian kernel of one gray level), the usual smooth surrogate;
+- learned signals (LID, Fourier read-out, small head): exact (their
+  ``from_raw(raw(·))`` is differentiable: distances, FFT, a 1×1 conv);
 - guided-backprop maps: the plain gradient of the same seed with
   ``create_graph`` (the guided masks are piecewise constant in the input).
 The detector has no randomness, so no expectation over transformations is needed.
@@ -36,7 +38,8 @@ import torch.nn.functional as F
 
 from detector import CalibrationArtifact, ScoreConfig, map_entropies
 from detector.features import extract_maps
-from detector.signals import HighFrequencyEnergy, LogitMargin, ResidualEntropy, SignalContext, SoftmaxEntropy, SqueezeDistance
+from detector.signals import (HighFrequencyEnergy, LearnedSignal, LogitMargin, ResidualEntropy, SignalContext, SoftmaxEntropy,
+                              SqueezeDistance)
 from detector.signals.residual import high_pass_residual
 from detector.signals.spectral import _LUMINANCE, high_frequency_share
 from detector.signals.squeeze import bit_depth, median_filter
@@ -100,7 +103,8 @@ def exact_signals(model: torch.nn.Module, pixels: torch.Tensor, artifact: Calibr
 def _signals(model: torch.nn.Module, pixels: torch.Tensor, artifact: CalibrationArtifact) -> tuple[torch.Tensor, torch.Tensor]:
     features = artifact.features
     layers = {c.layer for c in features.values() if isinstance(c, ScoreConfig) and c.layer} | {
-        c.layer for c in features.values() if isinstance(c, HighFrequencyEnergy) and c.layer}
+        c.layer for c in features.values() if isinstance(c, HighFrequencyEnergy) and c.layer} | {
+        layer for c in features.values() if isinstance(c, LearnedSignal) for layer in c.layers()}
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in layers]
@@ -136,6 +140,8 @@ def _signals(model: torch.nn.Module, pixels: torch.Tensor, artifact: Calibration
             weights = torch.tensor(_LUMINANCE, device=pixels.device).view(1, 3, 1, 1)
             maps = captured[config.layer] if config.layer else (pixels * weights).sum(1, keepdim=True)
             value = high_frequency_share(maps, float(config.cutoff))
+        elif isinstance(config, LearnedSignal):
+            value = config.from_raw(config.raw(SignalContext(model, pixels, logits, activations=captured)))
         elif isinstance(config, ResidualEntropy):
             value = _straight_through(exact[:, index], soft_entropy(high_pass_residual(pixels, config.blur), config.entropy_config()))
         elif config.response == "activation":

@@ -9,6 +9,12 @@ or a :class:`detector.signals.Signal`):
   prediction consistency (one forward pass per squeezer), the high-frequency
   share of the input's and early layers' spectra, the entropy of the input's
   high-pass residual;
+- learned signals (fitted on dev, out-of-fold values for the combiner; see
+  :mod:`.learned`): multi-layer LID of pooled activations against a clean
+  reference set (Ma et al. 2018, Lorenz et al. 2023), binned Fourier spectra
+  of the input and early layers through a fitted linear read-out (Harder et
+  al. 2021), a small 1×1-conv head on an intermediate map (Metzen et al. 2017);
+  all read the forward pass the model runs anyway (no extra pass);
 - ``cost``: extra forward passes each needs, so a combination can be held
   to the per-request budget (≤ 4 forward passes in all at batch 16).
 """
@@ -21,7 +27,10 @@ from pathlib import Path
 from detector.config import PAPER_CONFIG
 from detector.signals import (
     FeatureConfig,
+    FourierFeatures,
     HighFrequencyEnergy,
+    LearnedHead,
+    LocalIntrinsicDimensionality,
     LogitMargin,
     ResidualEntropy,
     SoftmaxEntropy,
@@ -47,7 +56,10 @@ def candidates(smoke: bool = False) -> dict[str, FeatureConfig]:
         "squeeze_bits5": SqueezeDistance("bit_depth", bits=5),
         "squeeze_median2": SqueezeDistance("median", size=2),
         "spectral_input": HighFrequencyEnergy(cutoff=0.5),
+        "fourier_input": FourierFeatures(),
     })
+    if smoke:  # a handful of dev images: a tiny LID neighbourhood (the head's fit is covered by tests/test_signals_learned.py)
+        found["lid_block10"] = LocalIntrinsicDimensionality(layer="net._blocks.10", k=2)
     if not smoke:
         found.update({
             "spectral_stem": HighFrequencyEnergy(layer="net._conv_stem", cutoff=0.5),
@@ -56,6 +68,14 @@ def candidates(smoke: bool = False) -> dict[str, FeatureConfig]:
             "spectral_block0": HighFrequencyEnergy(layer="net._blocks.0", cutoff=0.5),
             "residual_entropy_l16": ResidualEntropy(levels=16, patch=3),
             "residual_entropy_l8p5": ResidualEntropy(levels=8, patch=5),
+            # learned (issue 11): multi-layer LID, Fourier features, small heads
+            **{f"lid_{tag}": LocalIntrinsicDimensionality(layer=layer, k=20)
+               for tag, layer in (("block2", "net._blocks.2"), ("block4", "net._blocks.4"),
+                                  ("block10", "net._blocks.10"), ("block15", "net._blocks.15"))},
+            "fourier_stem": FourierFeatures(layer="net._conv_stem"),
+            "fourier_block0": FourierFeatures(layer="net._blocks.0"),
+            "head_block4": LearnedHead(layer="net._blocks.4", hidden=16),
+            "head_block10": LearnedHead(layer="net._blocks.10", hidden=16),
         })
     return found
 

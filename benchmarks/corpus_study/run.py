@@ -25,12 +25,12 @@ from detector.attacks import make_attack
 from detector.evaluation import evaluate, threshold_at_fpr
 from detector.features import extract_maps
 from detector.models import bundled_identity, load_bundled_model
-from detector.signals import FeatureConfig
+from detector.signals import FeatureConfig, LearnedSignal
 
 from ..detection_study.analysis import Split
 from ..detection_study.run import _cached, _key, cached_attacks
 from ..detection_study.run import run_attack as run_study_attack
-from . import analysis, candidates, report
+from . import analysis, candidates, learned, report
 from .data import Clean, corpus_parts, corpus_rest, smoke_parts
 from .suite import FULL_SUITE, SEEN_ATTACKS, SMOKE_SUITE, AttackSet
 
@@ -166,18 +166,34 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         sources = np.array(parts[part].sources)
         return sources if attack is None else sources[attacks[part][attack]["index"].numpy()]
 
+    all_attacks = [s.name for s in suite]
+    seen = [a for a in SEEN_ATTACKS if a in all_attacks] or all_attacks
+
+    # ---- learned signals: fitted on dev (seen attacks), out-of-fold by source for the dev banks -------
+    templates = {n: c for n, c in pool.items() if isinstance(c, LearnedSignal) and not c.fitted}
+    template_dicts = {n: c.to_dict() for n, c in templates.items()}
+    dev_sets = [("dev", None), *[(p, None) for p in parts if p.startswith(f"dev_{EXTRA}")], *[("dev", s.name) for s in suite]]
+    fitted_learned, learned_dev = learned.fit_learned(
+        model, templates, dev_sets, pixels_of, groups_of, seen, cache=cache, data_key=data_key,
+        describe=lambda part, attack: attack and attacks[part][attack]["describe"], batch=settings.bank_batch, seed=settings.seed)
+    pool.update(fitted_learned)
+
     def columns(part: str, attack: str | None) -> np.ndarray:
-        """``[N, F]`` for one set; one cache file per (set, feature), so adding a candidate recomputes only it."""
+        """``[N, F]`` for one set; one cache file per (set, feature), so adding a candidate recomputes only it.
+
+        A learned signal's dev values are its out-of-fold values (see :mod:`.learned`), never from the cache.
+        """
+        oof = {f: learned_dev[f][(part, attack)] for f in learned_dev if (part, attack) in learned_dev[f]}
         paths = {f: cache / f"bank-{part}-{attack or 'clean'}-{f}-"
                  f"{_key(data_key, part, attack, attack and attacks[part][attack]['describe'], pool[f].to_dict())}.pt"
-                 for f in names}
-        missing = {f: pool[f] for f in names if not paths[f].exists()}
+                 for f in names if f not in oof}
+        missing = {f: pool[f] for f in paths if not paths[f].exists()}
         LOGGER.info("signals %s/%s: %d of %d to compute", part, attack or "clean", len(missing), len(names))
         if missing:  # one pass computes them all (shared forward, squeezed copies, backward seeds)
             values = signal_bank(model, pixels_of(part, attack), missing, settings.bank_batch)
             for i, f in enumerate(missing):
                 _cached(paths[f], lambda i=i: values[:, i])
-        return np.stack([torch.load(paths[f], weights_only=False) for f in names], axis=1)
+        return np.stack([oof[f] if f in oof else torch.load(paths[f], weights_only=False) for f in names], axis=1)
 
     def split_of(part: str) -> Split:
         clean, groups = columns(part, None), groups_of(part, None)
@@ -188,8 +204,6 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
                      {s.name: groups_of(part, s.name) for s in suite})
 
     dev, test = split_of("dev"), split_of("test")
-    all_attacks = [s.name for s in suite]
-    seen = [a for a in SEEN_ATTACKS if a in all_attacks] or all_attacks
 
     # ---- selection on the development part only ------------------------------------------
     dev_aucs = analysis.directional_aucs(dev)
@@ -257,7 +271,8 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         "labels": {s.name: s.label for s in suite},
         "paper_attacks": [s.name for s in suite if s.paper],
         "seen_attacks": seen,
-        "candidates": {n: pool[n].to_dict() for n in names},
+        # learned signals as templates (their fitted parameters are in the artifact of the chosen ones)
+        "candidates": {n: template_dicts.get(n) or pool[n].to_dict() for n in names},
         "dev_auc": {a: dict(zip(names, map(float, v))) for a, v in dev_aucs.items()},
         "selection": {
             "best_single": {"name": names[best_column], "direction": best_direction, "seen_mean_dev_auc": float(max(seen_mean[best_column], 1 - seen_mean[best_column]))},

@@ -4,7 +4,11 @@
 - :mod:`.logits`: logit margin, softmax entropy (free);
 - :mod:`.squeeze`: Feature Squeezing's prediction consistency (one extra forward per squeezer);
 - :mod:`.spectral`: high-frequency share of the input's or a layer's power spectrum;
-- :mod:`.residual`: average local spatial entropy of the input's high-pass residual.
+- :mod:`.residual`: average local spatial entropy of the input's high-pass residual;
+- learned signals (parameters fitted on the development part, stored in the artifact):
+  :mod:`.lid` (local intrinsic dimensionality of pooled activations against a clean
+  reference set), :mod:`.fourier` (binned log spectrum through a fitted linear
+  read-out), :mod:`.head` (a small 1×1-conv head on an intermediate feature map).
 
 A detector's features map names to either a :class:`~detector.config.ScoreConfig`
 (an entropy of a feature map, the paper's family) or a :class:`Signal`;
@@ -16,7 +20,10 @@ from __future__ import annotations
 from typing import Any, Union
 
 from ..config import ScoreConfig
-from .base import Signal, SignalContext, SignalError, signal_from_dict, signal_kinds
+from .base import LearnedSignal, Signal, SignalContext, SignalError, signal_from_dict, signal_kinds
+from .fourier import FourierFeatures
+from .head import LearnedHead
+from .lid import LocalIntrinsicDimensionality
 from .logits import LogitMargin, SoftmaxEntropy
 from .residual import ResidualEntropy
 from .spectral import HighFrequencyEnergy
@@ -44,7 +51,11 @@ def feature_differences(ours: FeatureConfig, other: FeatureConfig) -> list[str]:
 
 __all__ = [
     "FeatureConfig",
+    "FourierFeatures",
     "HighFrequencyEnergy",
+    "LearnedHead",
+    "LearnedSignal",
+    "LocalIntrinsicDimensionality",
     "LogitMargin",
     "ResidualEntropy",
     "Signal",

@@ -129,3 +129,89 @@ def signal_from_dict(data: dict[str, Any]) -> Signal:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     except TypeError as error:
         raise SignalError(f"signal {kind!r}: {error}") from error
+
+
+# ---- learned signals (LID reference sets, Fourier weights, small heads) --------------------------------------
+
+_ARRAY_DTYPES = ("float16", "float32")
+
+
+def pack_array(array: Any, dtype: str = "float32") -> str:
+    """``"<dtype>:<d0>x<d1>...:<base64>"``: a small array inside a calibration artifact (JSON), little-endian."""
+    import base64
+
+    import numpy as np
+
+    if dtype not in _ARRAY_DTYPES:
+        raise SignalError(f"pack_array: dtype {dtype!r} not in {_ARRAY_DTYPES}")
+    values = np.ascontiguousarray(np.asarray(array, dtype=np.dtype(dtype).newbyteorder("<")))
+    shape = "x".join(str(d) for d in values.shape)
+    return f"{dtype}:{shape}:{base64.b64encode(values.tobytes()).decode('ascii')}"
+
+
+def unpack_array(text: str) -> Any:
+    """The float32 NumPy array :func:`pack_array` wrote; :class:`SignalError` if malformed."""
+    import base64
+    import binascii
+
+    import numpy as np
+
+    try:
+        dtype, shape_text, payload = text.split(":", 2)
+        shape = tuple(int(d) for d in shape_text.split("x")) if shape_text else ()
+        if dtype not in _ARRAY_DTYPES:
+            raise ValueError(f"dtype {dtype!r}")
+        values = np.frombuffer(base64.b64decode(payload, validate=True), dtype=np.dtype(dtype).newbyteorder("<"))
+        return values.reshape(shape).astype(np.float32)
+    except (ValueError, binascii.Error) as error:
+        raise SignalError(f"malformed packed array ({error})") from error
+
+
+def _abbreviate(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} chars)"
+
+
+@dataclass(frozen=True)
+class LearnedSignal(Signal):
+    """A signal with parameters fitted on clean and adversarial development inputs, stored in the artifact.
+
+    A learned signal splits its computation in two so that a study can fit it
+    on cached inputs and cross-fit it (out-of-fold values for the combiner):
+    :meth:`raw` (what the model gives for a batch: pooled activations, a
+    spectrum, a feature map; no parameters) and :meth:`from_raw` (the fitted
+    part). ``values = from_raw(raw(context))`` on every path (local, Triton,
+    the adaptive attack's gradients). An unfitted instance (``fitted`` False)
+    is a template: it can compute ``raw`` and :meth:`fit`, not values.
+    """
+
+    @property
+    @abc.abstractmethod
+    def fitted(self) -> bool: ...
+
+    @abc.abstractmethod
+    def raw(self, context: SignalContext) -> torch.Tensor:
+        """``[B, ...]``: the parameter-free part of the signal for a batch."""
+
+    @abc.abstractmethod
+    def from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """``[B]`` values from :meth:`raw`'s output (differentiable)."""
+
+    @abc.abstractmethod
+    def fit(self, clean: Any, adversarial: Any, *, adversarial_weight: Any = None, seed: int = 0) -> "LearnedSignal":
+        """A fitted copy of this template from raw clean ``[N, ...]`` and adversarial ``[M, ...]`` rows."""
+
+    def values(self, context: SignalContext) -> torch.Tensor:
+        if not self.fitted:
+            raise SignalError(f"signal {self.kind!r} is not fitted (a template): fit it before computing values")
+        return self.from_raw(self.raw(context))
+
+    def differences(self, other: Any) -> list[str]:
+        # Parameters are long packed strings: say which field differs, not the whole value.
+        if not isinstance(other, Signal) or other.kind != self.kind:
+            return super().differences(other)
+        return [
+            f"{f.name}: {_abbreviate(getattr(self, f.name))} != {_abbreviate(getattr(other, f.name))}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]

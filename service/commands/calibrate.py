@@ -1,4 +1,4 @@
-"""``advsentry calibrate``: threshold calibration jobs (``run``, ``merge``, ``verify``).
+"""``advsentry calibrate``: threshold calibration jobs (``run``, ``merge``, ``verify``, ``traffic``).
 
 ``calibrate run`` attacks clean images with the chosen attacks, scores clean
 and adversarial images exactly as the sidecar will, fits the threshold on one
@@ -8,6 +8,8 @@ killed run resumes where it stopped; ``--shard i/n`` computes one part and
 ``calibrate merge`` combines the parts into the artifact a single run gives.
 ``calibrate verify`` checks an artifact (schema, checksum, and optionally
 that it fits a model) the way the sidecar does before loading it.
+``calibrate traffic`` derives a threshold from the score sketches sidecars
+keep of live traffic (issue 12; ``detector/calibrate/traffic.py``).
 
 Clean images: ``--images``, else the real-photo corpus's dev part when it is
 installed (and the model is the bundled one), else the bundled photos
@@ -228,6 +230,73 @@ def verify(
     typer.echo(_summary(loaded))
     typer.echo(f"model {loaded.model.name} sha256 {loaded.model.weights_sha256}; maps {', '.join(loaded.features)}; "
                f"combiner {loaded.combiner.kind}: OK")
+
+
+# --- calibrate traffic (issue 12) ---
+@calibrate_app.command("traffic")
+def traffic(
+    sources: Annotated[str, typer.Option("--from", help="Comma-separated sidecars (HOST:PORT, via GetTrafficState) and/or traffic state files (traffic_state_path); their sketches are merged.")],
+    target_fpr: Annotated[float, typer.Option(help="Share of the (clean) traffic the threshold may flag.")],
+    out: Annotated[Path, typer.Option(help="Artifact to write (JSON, atomically; point a sidecar's calibration at it to hot-reload).")],
+    base: Annotated[Optional[str], typer.Option(help="The artifact in force while the traffic was seen (FILE or shipped name): its maps and combiner are kept and only its series is used. Default: the shipped default detector.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Protected model whose traffic to use (needed when the sources hold several).")] = None,
+    trim: Annotated[float, typer.Option(help="Assume up to this share of the traffic is adversarial (scores above the threshold): take the (1 - trim)(1 - target) quantile. 0: none.")] = 0.0,
+    metadata: Annotated[Optional[list[str]], typer.Option("--metadata", help="KEY=VALUE gRPC metadata sent to HOST:PORT sources (e.g. the trusted_metadata header; repeatable).")] = None,
+    ca_file: Annotated[Optional[Path], typer.Option(help="PEM CA bundle for HOST:PORT sources served over TLS.")] = None,
+) -> None:
+    """A threshold from the score sketches sidecars kept of live traffic (traffic_state_path / GetTrafficState).
+
+    The threshold is the (1 - trim)(1 - target) quantile of the merged traffic
+    scores of --model under the --base calibration (DDSketch: within its
+    relative accuracy, 0.5 % by default, of the exact quantile).
+
+    Traffic holds attacks, and that biases the threshold. Without --trim, the
+    attacks sit in the upper tail and push the threshold up: on clean inputs
+    the FPR is at most the target (fewer alarms), at the cost of more missed
+    attacks; when the share of attacks nears the target the threshold climbs
+    into the attacks' own scores. --trim r assumes up to a share r is
+    adversarial: exact when r attacks are all caught, but with fewer attacks
+    than r the clean FPR rises up to target + r (more alarms). Unlabelled
+    traffic cannot tell the two apart; pick r from what you know of the
+    traffic (e.g. shadow-mode flag rates, a labelled sample).
+
+    Exit codes: 0 ok, 2 usage / unusable sources, 4 base artifact refused.
+    """
+    from detector.calibrate.traffic import TrafficCalibrationError, calibrate_from_traffic, write
+    from detector.calibration import CalibrationArtifact, CalibrationError
+    from detector.detector import resolve_artifact
+    from service.cli import EXIT_CALIBRATION_ERROR
+
+    pairs = []
+    for item in metadata or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--metadata must be KEY=VALUE, got {item!r}", 2)
+        pairs.append((key.lower(), value))
+    try:
+        base_path = resolve_artifact(base or "default")
+        base_artifact = CalibrationArtifact.load(base_path)
+    except CalibrationError as error:
+        _fail(str(error), EXIT_CALIBRATION_ERROR)
+    try:
+        result = calibrate_from_traffic([s.strip() for s in sources.split(",") if s.strip()], target_fpr=target_fpr,
+                                        base=base_artifact, base_source=base or "default", model=model, trim=trim,
+                                        metadata=pairs, ca_file=ca_file)
+    except TrafficCalibrationError as error:
+        _fail(str(error), 2)
+    info = result.artifact.data["traffic"]
+    if not info["sufficient"]:
+        typer.echo(f"WARNING: {result.scores} scores: fewer than 10 expected above the threshold at target FPR "
+                   f"{target_fpr:g}; the threshold is mostly noise, collect more traffic", err=True)
+    write(result, out)
+    implied = result.base_implied_fpr
+    typer.echo(f"calibration {result.artifact.id}: threshold {result.artifact.threshold:.6f} at the "
+               f"{result.quantile:.4f} quantile of {result.scores} scores of {info['model']} "
+               f"({info['first_seen']} .. {info['last_seen']}, {len(info['sources'])} source(s), trim {trim:g})")
+    typer.echo(f"  base {result.artifact.data['traffic']['base_calibration']['id']}: threshold "
+               f"{base_artifact.threshold:.6f} flags {'n/a' if implied is None else f'{implied:.4f}'} of this "
+               f"traffic (its target: {base_artifact.target_fpr})")
+    typer.echo(f"wrote {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -32,6 +32,28 @@ def _option_help(name: str) -> str:
     return f"{field.description} (env {env}; default {getattr(default, 'value', default)})"
 
 
+def settings_assignments(assignments: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """``--set KEY=VALUE`` pairs as setting overrides (VALUE parsed as YAML); unknown keys are an error.
+
+    Why: the sidecar has dozens of settings (TLS, disclosure, shedding, traffic
+    sketch, probing, capture); the common ones have their own flags, and every
+    one is reachable from the command line without a flag per setting.
+    """
+    import yaml
+
+    from service.settings import Settings
+
+    values: dict[str, object] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in Settings.model_fields:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE with KEY a setting name "
+                                     f"(see `advsentry serve --help`)", param_hint="--set")
+        values[key] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
 async def _run_sidecar(settings, model_identity) -> None:
     from service.grpc.server import Sidecar
     from service.tracing import configure_tracing
@@ -71,6 +93,46 @@ def serve(
     shutdown_grace_s: Annotated[Optional[float], typer.Option(help=_option_help("shutdown_grace_s"), show_default=False)] = None,
     model_repository: Annotated[Optional[Path], typer.Option(help=_option_help("embedded_model_repository"), show_default=False)] = None,
     log_level: Annotated[Optional[str], typer.Option(help=_option_help("log_level"), show_default=False)] = None,
+    # TLS (issue 13)
+    tls_cert_file: Annotated[Optional[Path], typer.Option(help=_option_help("tls_cert_file"), show_default=False,
+                                                          rich_help_panel="TLS")] = None,
+    tls_key_file: Annotated[Optional[Path], typer.Option(help=_option_help("tls_key_file"), show_default=False,
+                                                         rich_help_panel="TLS")] = None,
+    tls_client_ca_file: Annotated[Optional[Path], typer.Option(help=_option_help("tls_client_ca_file"),
+                                                               show_default=False, rich_help_panel="TLS")] = None,
+    tls_require_client_cert: Annotated[Optional[bool], typer.Option(
+        help=_option_help("tls_require_client_cert"), show_default=False, rich_help_panel="TLS")] = None,
+    upstream_tls: Annotated[Optional[bool], typer.Option(help=_option_help("upstream_tls"), show_default=False,
+                                                         rich_help_panel="TLS")] = None,
+    upstream_ca_file: Annotated[Optional[Path], typer.Option(help=_option_help("upstream_ca_file"),
+                                                             show_default=False, rich_help_panel="TLS")] = None,
+    upstream_cert_file: Annotated[Optional[Path], typer.Option(help=_option_help("upstream_cert_file"),
+                                                               show_default=False, rich_help_panel="TLS")] = None,
+    upstream_key_file: Annotated[Optional[Path], typer.Option(help=_option_help("upstream_key_file"),
+                                                              show_default=False, rich_help_panel="TLS")] = None,
+    upstream_server_name: Annotated[Optional[str], typer.Option(help=_option_help("upstream_server_name"),
+                                                                show_default=False, rich_help_panel="TLS")] = None,
+    tls_reload_interval_s: Annotated[Optional[float], typer.Option(help=_option_help("tls_reload_interval_s"),
+                                                                   show_default=False, rich_help_panel="TLS")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Any setting by name (repeatable), e.g. --set probing_policy=annotate --set capture_dir=/var/capture; "
+             "VALUE is read as YAML (numbers, true/false, [lists]). Every setting also has its ADVSENTRY_<KEY> "
+             "env variable and its key in the --config file.", show_default=False)] = None,
+    # disclosure & load shedding (issue 13)
+    disclosure: Annotated[Optional[str], typer.Option(help=_option_help("disclosure"), show_default=False,
+                                                      rich_help_panel="Disclosure & load shedding")] = None,
+    trusted_client: Annotated[Optional[list[str]], typer.Option(
+        help="A client identity key that gets score disclosure (repeatable): mtls:<subject>, metadata:<value>, "
+             "peer:<host> (env ADVSENTRY_TRUSTED_CLIENTS as a JSON list).",
+        show_default=False, rich_help_panel="Disclosure & load shedding")] = None,
+    detector_api: Annotated[Optional[bool], typer.Option(help=_option_help("detector_api"), show_default=False,
+                                                         rich_help_panel="Disclosure & load shedding")] = None,
+    max_in_flight: Annotated[Optional[int], typer.Option(help=_option_help("max_in_flight"), show_default=False,
+                                                         rich_help_panel="Disclosure & load shedding")] = None,
+    max_in_flight_per_client: Annotated[Optional[int], typer.Option(
+        help=_option_help("max_in_flight_per_client"), show_default=False,
+        rich_help_panel="Disclosure & load shedding")] = None,
 ) -> None:
     """Run the advsentry sidecar: a transparent KServe-v2 gRPC proxy that scores every input.
 
@@ -81,6 +143,15 @@ def serve(
     (e.g. OTEL_EXPORTER_OTLP_ENDPOINT) enable OTLP export; off by default.
     Scoring failures: scoring_failure=open forwards the output with an
     advsentry_error parameter, closed answers INTERNAL.
+    TLS: --tls-cert-file/--tls-key-file turn TLS on for the listener (plaintext
+    is then refused), --tls-client-ca-file with --tls-require-client-cert make it
+    mTLS, --upstream-tls (+ CA, client certificate, server name) secures the
+    connection to Triton; changed files are picked up without a restart.
+    Disclosure: --disclosure none|verdict|score says what clients learn (default
+    verdict: flags, no score or threshold); trusted callers (--trusted-client, or
+    trusted_metadata KEY=VALUE in the file/env, a shared secret header) always get
+    score. Load shedding: --max-in-flight / --max-in-flight-per-client refuse
+    requests beyond them with RESOURCE_EXHAUSTED.
     """
     from pydantic import ValidationError
 
@@ -88,19 +159,33 @@ def serve(
     from service.settings import load_settings
 
     try:
-        settings = load_settings(
-            config, port=port, metrics_port=metrics_port, upstream=upstream, calibration=calibration, policy=policy,
+        flags = dict(
+            port=port, metrics_port=metrics_port, upstream=upstream, calibration=calibration, policy=policy,
             host=host, scoring_failure=scoring_failure, max_batch_size=max_batch_size,
             max_batch_delay_ms=max_batch_delay_ms, entropy_in=entropy_in, device=device, upstream_timeout_s=upstream_timeout_s,
             max_message_bytes=max_message_bytes, shutdown_grace_s=shutdown_grace_s,
             embedded_model_repository=model_repository, log_level=log_level,
+            tls_cert_file=tls_cert_file, tls_key_file=tls_key_file, tls_client_ca_file=tls_client_ca_file,
+            tls_require_client_cert=tls_require_client_cert, upstream_tls=upstream_tls,
+            upstream_ca_file=upstream_ca_file, upstream_cert_file=upstream_cert_file,
+            upstream_key_file=upstream_key_file, upstream_server_name=upstream_server_name,
+            tls_reload_interval_s=tls_reload_interval_s,
+            disclosure=disclosure, trusted_clients=trusted_client or None, detector_api=detector_api,
+            max_in_flight=max_in_flight, max_in_flight_per_client=max_in_flight_per_client,
         )
+        for key, value in settings_assignments(set_ or ()).items():  # a dedicated flag wins over --set
+            if flags.get(key) is None:
+                flags[key] = value
+        settings = load_settings(config, **flags)
+        if settings.upstream is None and settings.upstream_tls:
+            raise ValueError("upstream_tls needs --upstream: the embedded Triton listens on loopback without TLS")
     except (ValidationError, ValueError) as error:
         typer.echo(f"error: invalid settings: {error}", err=True)
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from detector import CalibrationError
+    from service.tls import TlsError
 
     triton = None
     identity = {}
@@ -129,6 +214,9 @@ def serve(
     except CalibrationError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_CALIBRATION_ERROR) from None
+    except TlsError as error:
+        typer.echo(f"error: TLS: {error}", err=True)
+        raise typer.Exit(2) from None
     finally:
         if triton is not None:
             triton.stop()

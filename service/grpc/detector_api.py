@@ -3,6 +3,14 @@
 Thin: requests are turned into the same calls the proxy makes (metadata
 lookup, upstream inference, micro-batched scoring), so a Detect call is scored
 in the same batches and by the same detector as proxied traffic.
+
+Access (issue 13): ``Detect`` exists to return scores, so it is the oracle
+the disclosure setting guards against. With ``disclosure: score`` anyone who
+can reach the port may call it; with ``verdict`` or ``none`` (the default is
+``verdict``) ``Detect``/``DetectStream`` answer PERMISSION_DENIED unless the
+caller is trusted (``trusted_clients``/``trusted_metadata``, resolved as for
+inference), and ``GetStatus`` omits thresholds for untrusted callers.
+``detector_api: false`` turns the whole service off (UNIMPLEMENTED).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from tritonclient.grpc import service_pb2
 from detector import CalibrationError
 
 from .._proto.advsentry.v1 import detector_pb2, detector_pb2_grpc
+from ..clients import client_of
 from ..inference import RequestError, output_array, validate_request
+from ..settings import Disclosure
 
 LOGGER = logging.getLogger(__name__)
 DETECTOR_SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
@@ -45,6 +55,21 @@ def _map_array(tensor: detector_pb2.Tensor) -> np.ndarray:
 class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
     def __init__(self, sidecar) -> None:
         self.sidecar = sidecar
+
+    def _may_see_scores(self, context, model_name: str | None = None) -> bool:
+        settings = self.sidecar.settings
+        disclosure = settings.disclosure_for(model_name) if model_name else settings.disclosure
+        return disclosure is Disclosure.score or client_of(context, settings).trusted
+
+    async def _check_access(self, context, model_name: str | None = None) -> None:
+        """UNIMPLEMENTED when disabled; PERMISSION_DENIED for untrusted callers unless disclosure is score."""
+        if not self.sidecar.settings.detector_api:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "advsentry DetectorService is disabled on this sidecar (detector_api=false)")
+        if not self._may_see_scores(context, model_name):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "advsentry DetectorService returns scores: only trusted callers may use it "
+                                "(disclosure is not 'score'; see trusted_clients / trusted_metadata)")
 
     async def _maps_from_upstream(self, request: detector_pb2.DetectRequest, feature_outputs, timeout: float):
         infer = service_pb2.ModelInferRequest(model_name=request.model_name, model_version=request.model_version,
@@ -102,12 +127,14 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
         return limit if remaining is None else max(0.001, min(limit, remaining))
 
     async def Detect(self, request, context):  # noqa: N802 - gRPC method name
+        await self._check_access(context, request.model_name or None)
         try:
             return await self._detect(request, self._timeout(context))
         except RequestError as error:
             await context.abort(error.code, error.message)
 
     async def DetectStream(self, request_iterator: AsyncIterator, context):  # noqa: N802
+        await self._check_access(context)  # per-model overrides: the global disclosure decides for a stream
         pending: asyncio.Queue = asyncio.Queue(maxsize=128)
         done = object()
 
@@ -138,6 +165,9 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
     async def GetStatus(self, request, context):  # noqa: N802
         sidecar = self.sidecar
         settings = sidecar.settings
+        if not settings.detector_api:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "advsentry DetectorService is disabled on this sidecar (detector_api=false)")
         reply = detector_pb2.GetStatusResponse(
             upstream=sidecar.upstream_address,
             upstream_ready=bool(sidecar.health.upstream_ready),
@@ -162,8 +192,9 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
                     {k: v.to_dict() for k, v in model_detector.detector.features.items()}, sort_keys=True),
                 policy=settings.policy_for(name).value,
             )
-            if model_detector.threshold is not None:
+            if model_detector.threshold is not None and self._may_see_scores(context, name):
                 status.threshold = float(model_detector.threshold)
+            _traffic_status(sidecar, model_detector, status, self._may_see_scores(context, name))  # issue 12
         for metric in sidecar.metrics.registry.collect():
             if metric.name in ("advsentry_requests", "advsentry_errors", "advsentry_calibration_reloads",
                                "advsentry_inputs"):
@@ -172,6 +203,37 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
                         labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
                         reply.counters[f"{sample.name}{{{labels}}}"] = sample.value
         return reply
+
+    async def GetTrafficState(self, request, context):  # noqa: N802 - traffic calibration (issue 12)
+        await self._check_access(context, request.model_name or None)  # the sketches are score distributions
+        hook = _traffic_hook(self.sidecar)
+        if hook is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the traffic sketch is off on this sidecar (traffic_sketch=false)")
+        return detector_pb2.GetTrafficStateResponse(state_json=hook.state_json(request.model_name or None))
+
+
+# --- traffic calibration (issue 12) ---
+def _traffic_hook(sidecar):  # type: ignore[no-untyped-def]
+    from ..traffic import TrafficHook
+
+    return next((hook for hook in sidecar.core.hooks if isinstance(hook, TrafficHook)), None)
+
+
+def _traffic_status(sidecar, model_detector, status, may_see_scores: bool) -> None:  # type: ignore[no-untyped-def]
+    """Traffic count, window and target FPR; the traffic-implied FPR only for callers who may see thresholds."""
+    calibration = model_detector.detector.calibration
+    if calibration is not None and calibration.target_fpr is not None:
+        status.target_fpr = float(calibration.target_fpr)
+    hook = _traffic_hook(sidecar)
+    if hook is None:
+        return
+    summary = hook.summary(model_detector.model, model_detector.calibration_id, model_detector.threshold)
+    status.traffic_count = summary.count
+    status.traffic_first_seen = summary.first_seen or 0.0
+    status.traffic_last_seen = summary.last_seen or 0.0
+    if summary.implied_fpr is not None and may_see_scores:
+        status.traffic_implied_fpr = summary.implied_fpr
 
 
 def add_detector_service(server: grpc.aio.Server, sidecar) -> None:

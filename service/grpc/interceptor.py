@@ -29,6 +29,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from ..batching import MicroBatcher
+from ..clients import client_of
 from ..detectors import DetectorRegistry
 from ..inference import InferenceCore, ModelSpec, RequestError
 from ..metrics import SidecarMetrics
@@ -45,6 +46,26 @@ def _call_details(method: str, like):
         return cygrpc._HandlerCallDetails(method, like.invocation_metadata)  # noqa: SLF001
     except (ImportError, AttributeError, TypeError):  # pragma: no cover - other grpc builds
         return type(like)(method, like.invocation_metadata)
+
+
+def _parser(deserializer, stream: bool):
+    """Decode request bytes with the server's own deserializer; garbage is INVALID_ARGUMENT, not UNKNOWN.
+
+    The wrapped handlers receive bytes (no ``request_deserializer``) because grpc
+    answers a deserializer's exception with UNKNOWN and ends the call.
+    """
+    what = "ModelStreamInfer message is not a valid" if stream else "request is not a valid"
+
+    def parse(data):
+        if deserializer is None or not isinstance(data, bytes):
+            return data
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - DecodeError, or anything the parser raises on garbage
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"advsentry: {what} inference.ModelInferRequest ({len(data)} bytes): {error}") from None
+
+    return parse
 
 
 async def _no_metadata(model: str, version: str) -> ModelSpec | None:
@@ -68,8 +89,7 @@ class AdvSentryInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if method.endswith("/ModelInfer") and handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, _parser(handler.request_deserializer, stream=False)),
                 response_serializer=handler.response_serializer,
             )
         if method.endswith("/ModelStreamInfer") and handler.stream_stream is not None:
@@ -77,8 +97,7 @@ class AdvSentryInterceptor(grpc.aio.ServerInterceptor):
             if unary is None or unary.unary_unary is None:
                 return handler
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(unary.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(unary.unary_unary, _parser(handler.request_deserializer, stream=True)),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -90,11 +109,12 @@ class AdvSentryInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _wrap_unary(self, behavior):
-        async def wrapped(request, context):
+    def _wrap_unary(self, behavior, parse=lambda data: data):
+        async def wrapped(data, context):
             try:
-                return await self.core.infer(request, self._local(behavior, context),
-                                             tuple(context.invocation_metadata() or ()))
+                return await self.core.infer(parse(data), self._local(behavior, context),
+                                             tuple(context.invocation_metadata() or ()),
+                                             client_of(context, self.core.settings))
             except RequestError as error:
                 if error.trailing_metadata:
                     context.set_trailing_metadata(error.trailing_metadata)
@@ -102,12 +122,15 @@ class AdvSentryInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behavior):
+    def _wrap_stream(self, behavior, parse=lambda data: data):
         async def wrapped(request_iterator: AsyncIterator, context):
             metadata = tuple(context.invocation_metadata() or ())
-            async for request in request_iterator:
+            client = client_of(context, self.core.settings)
+            async for data in request_iterator:
+                request = service_pb2.ModelInferRequest()  # stays empty (no id to echo) if the bytes do not parse
                 try:
-                    response = await self.core.infer(request, self._local(behavior, context), metadata)
+                    request = parse(data)
+                    response = await self.core.infer(request, self._local(behavior, context), metadata, client)
                     yield service_pb2.ModelStreamInferResponse(infer_response=response)
                 except RequestError as error:
                     yield service_pb2.ModelStreamInferResponse(

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from tritonclient.grpc import service_pb2
 
+from ..clients import client_of
 from ..inference import InferenceCore, RequestError
 
 LOGGER = logging.getLogger(__name__)
@@ -42,6 +43,25 @@ def forwardable_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, s
 def _timeout(context: grpc.aio.ServicerContext, limit: float) -> float:
     remaining = context.time_remaining()
     return limit if remaining is None else max(0.001, min(limit, remaining))
+
+
+def parse_request(data: bytes, stream: bool = False) -> service_pb2.ModelInferRequest:
+    """Decode request bytes; undecodable bytes are the client's mistake (INVALID_ARGUMENT, not UNKNOWN).
+
+    Why here and not as the handler's ``request_deserializer``: grpc answers a
+    deserializer's exception with UNKNOWN ("Unexpected DecodeError") and ends
+    the call, a whole stream included; parsing in the handler lets a bad unary
+    call get a precise status and a bad stream message get its error in the
+    stream while the stream goes on.
+    """
+    try:
+        return service_pb2.ModelInferRequest.FromString(data)
+    except Exception as error:  # noqa: BLE001 - DecodeError, or anything upb raises on garbage
+        what = "ModelStreamInfer message is not a valid" if stream else "request is not a valid"
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"advsentry: {what} inference.ModelInferRequest ({len(data)} bytes): {error}",
+        ) from None
 
 
 def passthrough_methods() -> list[str]:
@@ -96,10 +116,11 @@ class InferenceProxy:
 
         return call
 
-    async def model_infer(self, request, context: grpc.aio.ServicerContext):
+    async def model_infer(self, data: bytes, context: grpc.aio.ServicerContext):
         metadata = forwardable_metadata(context)
         try:
-            return await self.core.infer(request, self._upstream(context), metadata)
+            return await self.core.infer(parse_request(data), self._upstream(context), metadata,
+                                         client_of(context, self.core.settings))
         except RequestError as error:
             if error.trailing_metadata:
                 context.set_trailing_metadata(error.trailing_metadata)
@@ -108,9 +129,11 @@ class InferenceProxy:
             LOGGER.exception("ModelInfer failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"advsentry internal error: {type(error).__name__}: {error}")
 
-    async def _stream_message(self, request, context, metadata) -> service_pb2.ModelStreamInferResponse:
+    async def _stream_message(self, data: bytes, context, metadata, client) -> service_pb2.ModelStreamInferResponse:
+        request = service_pb2.ModelInferRequest()  # stays empty (no id to echo) if the bytes do not parse
         try:
-            response = await self.core.infer(request, self._upstream(context), metadata)
+            request = parse_request(data, stream=True)
+            response = await self.core.infer(request, self._upstream(context), metadata, client)
             return service_pb2.ModelStreamInferResponse(infer_response=response)
         except RequestError as error:
             message = f"[StatusCode.{error.code.name}] {error.message}"
@@ -128,13 +151,14 @@ class InferenceProxy:
         self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         metadata = forwardable_metadata(context)
+        client = client_of(context, self.core.settings)
         pending: asyncio.Queue = asyncio.Queue(maxsize=self.stream_window)
         done = object()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_message(request, context, metadata)))
+                    await pending.put(asyncio.ensure_future(self._stream_message(request, context, metadata, client)))
             finally:
                 await pending.put(done)
 
@@ -158,14 +182,13 @@ class InferenceProxy:
             method: grpc.unary_unary_rpc_method_handler(self._passthrough(method))
             for method in passthrough_methods()
         }
+        # Requests arrive as bytes and are parsed in the handlers (see parse_request).
         handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
             self.model_infer,
-            request_deserializer=service_pb2.ModelInferRequest.FromString,
             response_serializer=service_pb2.ModelInferResponse.SerializeToString,
         )
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
             self.model_stream_infer,
-            request_deserializer=service_pb2.ModelInferRequest.FromString,
             response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString,
         )
         return grpc.method_handlers_generic_handler(SERVICE, handlers)

@@ -23,11 +23,31 @@ from ..detectors import DetectorRegistry
 from ..health import UpstreamHealth
 from ..inference import InferenceCore
 from ..metrics import SidecarMetrics
+from ..observe import RequestHook
 from ..settings import Settings
+from ..tls import server_tls_from, upstream_tls_from
 from ..upstream import Upstream, channel_options
 from .proxy import SERVICE, InferenceProxy
 
 LOGGER = logging.getLogger(__name__)
+
+
+def request_hooks(settings: Settings, metrics: SidecarMetrics) -> list[RequestHook]:
+    """The stateful per-request features in force, each one module (see ``service/observe.py``).
+
+    Order matters: admission hooks run in this order (cheap refusals first) and
+    a later hook's response parameters overwrite an earlier one's.
+    """
+    hooks: list[RequestHook] = []
+    from ..shedding import shedding_hook_from_settings  # load shedding first: the cheapest refusal (issue 13)
+    hooks.extend(hook for hook in [shedding_hook_from_settings(settings, metrics)] if hook is not None)
+    from ..capture import capture_hook_from_settings  # capture ring (issue 14)
+    hooks.extend(hook for hook in [capture_hook_from_settings(settings, metrics)] if hook is not None)
+    from ..probing import probing_hook_from_settings  # probing detection (issue 12)
+    hooks.extend(hook for hook in [probing_hook_from_settings(settings, metrics)] if hook is not None)
+    from ..traffic import traffic_hook  # traffic score sketch (issue 12)
+    hooks.extend(hook for hook in [traffic_hook(settings, metrics)] if hook is not None)
+    return hooks
 
 
 class Sidecar:
@@ -76,7 +96,15 @@ class Sidecar:
             max_batch_delay_ms=s.max_batch_delay_ms,
             observer=observe,
         )
-        self.upstream = Upstream(self.upstream_address, max_message_bytes=s.max_message_bytes)
+        # TLS (issue 13): both sides read their files now, so a bad file fails the start with a clear TlsError.
+        self.server_tls = server_tls_from(s)
+        self.upstream = Upstream(
+            self.upstream_address,
+            max_message_bytes=s.max_message_bytes,
+            tls=upstream_tls_from(s),
+            tls_reload_interval_s=s.tls_reload_interval_s,
+            swap_grace_s=s.upstream_timeout_s,
+        )
         self.core = InferenceCore(
             settings=s,
             registry=self.registry,
@@ -85,6 +113,7 @@ class Sidecar:
             metadata_lookup=self.upstream.model_spec,
             upstream_name=self.upstream_address,
             tracer_provider=self.tracer_provider,
+            hooks=request_hooks(s, self.metrics),
         )
         self.proxy = InferenceProxy(
             self.core, self.upstream.channel, upstream_timeout_s=s.upstream_timeout_s, metrics=self.metrics
@@ -112,7 +141,10 @@ class Sidecar:
             (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.server_tls is not None:  # TLS only: plaintext connections are refused
+            self.port = self._server.add_secure_port(f"{s.host}:{s.port}", self.server_tls.credentials())
+        else:
+            self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC listener on {s.host}:{s.port}")
         await self._server.start()
@@ -121,6 +153,9 @@ class Sidecar:
             self._metrics_http, _ = self.metrics.serve(s.metrics_port, s.metrics_host)
             self.metrics_port = int(self._metrics_http.server_port)
         self._tasks.append(asyncio.ensure_future(self.registry.watch(s.calibration_poll_s)))
+        self._tasks.append(asyncio.ensure_future(self.upstream.watch()))  # upstream TLS files (no-op without TLS)
+        if self.server_tls is not None:
+            self._tasks.append(asyncio.ensure_future(self.server_tls.watch()))
         LOGGER.info(
             "advsentry sidecar on %s:%s -> Triton %s (metrics on :%s, policy %s)",
             s.host, self.port, self.upstream_address, self.metrics_port, s.policy.value,
@@ -137,6 +172,11 @@ class Sidecar:
         for task in self._tasks:
             task.cancel()
         await self.batcher.close()
+        for hook in self.core.hooks:  # flush persisted state (sketches, capture ring)
+            try:
+                await hook.close()
+            except Exception:  # noqa: BLE001 - stopping must finish
+                LOGGER.exception("request hook %s failed to close", hook.name)
         await self.upstream.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

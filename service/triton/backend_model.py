@@ -10,7 +10,9 @@ This file is copied verbatim as ``<repository>/<model>/1/model.py`` by
 - ``features``: ``{output name: ScoreConfig dict}``, the maps the detector reads;
 - ``feature_order``: their order (the columns of the entropy output);
 - ``entropy_output``: that output's name, checked against the features' hash;
-- ``input``: the name of the pixel input.
+- ``input``: the name of the pixel input;
+- ``embedding`` (optional): the probing embedding's config; when present the
+  model also serves ``advsentry_embedding`` ``[B, D]`` (``detector/embedding.py``).
 
 Besides the maps it serves ``advsentry_entropy_<hash>`` (``[B, F]``): the
 maps' average local spatial entropies, computed here with the same
@@ -94,6 +96,14 @@ class TritonPythonModel:
                 f"hash to {self.entropy_output!r} (edited by hand, or another advsentry version wrote it)"
             )
         self.all_outputs = ["logits", *self.features, self.entropy_output]
+        # Probing embedding (issue 12): input-space, needs no forward pass (detector/embedding.py).
+        self.embedder = None
+        if spec.get("embedding"):
+            from detector.embedding import EMBEDDING_OUTPUT, Embedder, EmbeddingConfig
+
+            self.embedding_output = EMBEDDING_OUTPUT
+            self.embedder = Embedder(EmbeddingConfig.from_dict(spec["embedding"]), channels=3)
+            self.all_outputs.append(EMBEDDING_OUTPUT)
 
     def execute(self, requests):
         import torch
@@ -116,6 +126,8 @@ class TritonPythonModel:
         else:
             with torch.no_grad():
                 outputs = {"logits": self.model(pixels)}
+        if self.embedder is not None and self.embedding_output in wanted:
+            outputs[self.embedding_output] = self.embedder(pixels)
         outputs = {k: v.detach().to("cpu").float().numpy() for k, v in outputs.items() if k in wanted}
         responses = []
         start = 0

@@ -12,7 +12,9 @@ detector (``feature_response`` by default, ``[B, 3, H, W]``), and
 entropies computed inside Triton (see :func:`detector.entropy_output_name`).
 The sidecar asks for the last one when it matches its calibration, so only
 ``F`` floats per image cross the wire and the proxy runs no tensor code; the
-maps stay available for offline tools and for ``--entropy-in sidecar``. The exporter runs
+maps stay available for offline tools and for ``--entropy-in sidecar``.
+``advsentry_embedding`` (FP32 ``[B, D]``, :mod:`detector.embedding`) is the
+per-input embedding the sidecar's probing detection keeps per client. The exporter runs
 the model once on a blank image before writing anything, so a model that
 guided backpropagation cannot handle is refused at export time, not at the
 first request.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from detector import ScoreConfig
+from detector.embedding import DEFAULT_EMBEDDING, EMBEDDING_OUTPUT, EmbeddingConfig
 from detector.signals import FeatureConfig
 
 PIXELS_INPUT = "pixels"
@@ -138,6 +141,7 @@ def config_pbtxt(
     instances: int,
     max_queue_delay_us: int,
     entropy_output: str | None = None,
+    embedding_dim: int | None = None,
 ) -> str:
     """The model's ``config.pbtxt`` text."""
     outputs = [f'  {{ name: "{LOGITS_OUTPUT}" data_type: TYPE_FP32 dims: [ {classes} ] }}']
@@ -147,6 +151,8 @@ def config_pbtxt(
     ]
     if entropy_output:
         outputs.append(f'  {{ name: "{entropy_output}" data_type: TYPE_FP32 dims: [ {len(feature_shapes)} ] }}')
+    if embedding_dim:  # probing embedding (issue 12), see detector/embedding.py
+        outputs.append(f'  {{ name: "{EMBEDDING_OUTPUT}" data_type: TYPE_FP32 dims: [ {embedding_dim} ] }}')
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[instance_kind]
     return (
         f'name: "{name}"\n'
@@ -173,6 +179,7 @@ def export_model_repository(
     instance_kind: str = "cpu",
     instances: int = 1,
     max_queue_delay_us: int = 2000,
+    embedding: EmbeddingConfig | None = DEFAULT_EMBEDDING,
 ) -> Path:
     """Write ``<out>/<model_name>/`` and return its path. Existing model directories are replaced."""
     from detector import DEFAULT_FEATURES, entropy_output_name
@@ -202,6 +209,7 @@ def export_model_repository(
             instances=instances,
             max_queue_delay_us=max_queue_delay_us,
             entropy_output=entropy_output_name(features.values()),
+            embedding_dim=embedding.dim if embedding else None,
         )
     )
     shutil.copyfile(BACKEND_MODEL_FILE, version_dir / "model.py")
@@ -215,5 +223,7 @@ def export_model_repository(
         "feature_order": list(features),
         "entropy_output": entropy_output_name(features.values()),
     }
+    if embedding:  # the probing embedding output (issue 12)
+        spec["embedding"] = embedding.to_dict()
     (version_dir / "advsentry_model.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return model_dir

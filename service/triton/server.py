@@ -36,6 +36,39 @@ from pathlib import Path
 LOGGER = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TritonGrpcTls:
+    """TLS on Triton's gRPC port (``--grpc-use-ssl`` …) and how :class:`TritonServer` then checks readiness.
+
+    ``root_cert`` is the CA that client certificates must chain to; with
+    ``mutual`` Triton requires one, so the readiness check presents
+    ``client_cert``/``client_key``. ``ca_file`` verifies Triton's certificate
+    during that check and ``server_name`` is the name it must carry.
+    """
+
+    server_cert: Path
+    server_key: Path
+    root_cert: Path | None = None
+    mutual: bool = False
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    server_name: str | None = None
+
+    def args(self) -> list[str]:
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.server_cert}", f"--grpc-server-key={self.server_key}"]
+        if self.root_cert:
+            args.append(f"--grpc-root-cert={self.root_cert}")
+        if self.mutual:
+            args.append("--grpc-use-ssl-mutual=true")
+        return args
+
+    def client(self):
+        from ..tls import ClientTls
+
+        return ClientTls(self.ca_file, self.client_cert, self.client_key, self.server_name)
+
+
 class TritonStartError(RuntimeError):
     """tritonserver did not become ready; the message carries the tail of its log."""
 
@@ -114,6 +147,7 @@ class TritonServer:
     stop_timeout_s: float = 30.0
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # added to (and overriding) the environment
+    grpc_tls: TritonGrpcTls | None = None  # TLS on the gRPC port (issue 13)
     process: subprocess.Popen | None = field(default=None, init=False)
     log_path: Path | None = field(default=None, init=False)
     _workdir: tempfile.TemporaryDirectory | None = field(default=None, init=False)
@@ -144,6 +178,7 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={int(self.stop_timeout_s)}",
+            *(self.grpc_tls.args() if self.grpc_tls else []),
             *self.extra_args,
         ]
         LOGGER.info("starting Triton: %s", " ".join(command))
@@ -173,8 +208,10 @@ class TritonServer:
         import grpc
         from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+        from ..tls import secure_or_insecure_channel
+
         deadline = time.monotonic() + self.start_timeout_s
-        with grpc.insecure_channel(self.grpc_address) as channel:
+        with secure_or_insecure_channel(self.grpc_address, self.grpc_tls.client() if self.grpc_tls else None) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while time.monotonic() < deadline:
                 assert self.process is not None

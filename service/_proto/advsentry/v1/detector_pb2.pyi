@@ -63,7 +63,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model_name", "feature_outputs", "calibration_id", "threshold", "calibration_source", "score_config_json", "policy")
+    __slots__ = ("model_name", "feature_outputs", "calibration_id", "threshold", "calibration_source", "score_config_json", "policy", "traffic_count", "traffic_implied_fpr", "target_fpr", "traffic_first_seen", "traffic_last_seen")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     FEATURE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,11 @@ class ModelStatus(_message.Message):
     CALIBRATION_SOURCE_FIELD_NUMBER: _ClassVar[int]
     SCORE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_IMPLIED_FPR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FPR_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     feature_outputs: _containers.RepeatedScalarFieldContainer[str]
     calibration_id: str
@@ -78,7 +83,12 @@ class ModelStatus(_message.Message):
     calibration_source: str
     score_config_json: str
     policy: str
-    def __init__(self, model_name: _Optional[str] = ..., feature_outputs: _Optional[_Iterable[str]] = ..., calibration_id: _Optional[str] = ..., threshold: _Optional[float] = ..., calibration_source: _Optional[str] = ..., score_config_json: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    traffic_count: int
+    traffic_implied_fpr: float
+    target_fpr: float
+    traffic_first_seen: float
+    traffic_last_seen: float
+    def __init__(self, model_name: _Optional[str] = ..., feature_outputs: _Optional[_Iterable[str]] = ..., calibration_id: _Optional[str] = ..., threshold: _Optional[float] = ..., calibration_source: _Optional[str] = ..., score_config_json: _Optional[str] = ..., policy: _Optional[str] = ..., traffic_count: _Optional[int] = ..., traffic_implied_fpr: _Optional[float] = ..., target_fpr: _Optional[float] = ..., traffic_first_seen: _Optional[float] = ..., traffic_last_seen: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("upstream", "upstream_ready", "default_policy", "scoring_failure", "models", "counters", "max_batch_size", "max_batch_delay_ms")
@@ -106,3 +116,15 @@ class GetStatusResponse(_message.Message):
     max_batch_size: int
     max_batch_delay_ms: float
     def __init__(self, upstream: _Optional[str] = ..., upstream_ready: _Optional[bool] = ..., default_policy: _Optional[str] = ..., scoring_failure: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ...) -> None: ...
+
+class GetTrafficStateRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class GetTrafficStateResponse(_message.Message):
+    __slots__ = ("state_json",)
+    STATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    state_json: bytes
+    def __init__(self, state_json: _Optional[bytes] = ...) -> None: ...

@@ -49,6 +49,11 @@ class DetectorServiceStub:
                 request_serializer=advsentry_dot_v1_dot_detector__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=advsentry_dot_v1_dot_detector__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.GetTrafficState = channel.unary_unary(
+                '/advsentry.v1.DetectorService/GetTrafficState',
+                request_serializer=advsentry_dot_v1_dot_detector__pb2.GetTrafficStateRequest.SerializeToString,
+                response_deserializer=advsentry_dot_v1_dot_detector__pb2.GetTrafficStateResponse.FromString,
+                _registered_method=True)
 
 
 class DetectorServiceServicer:
@@ -75,6 +80,13 @@ class DetectorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrafficState(self, request, context):
+        """The traffic score sketches (DDSketch) for `advsentry calibrate traffic --from HOST:PORT` (issue 12).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DetectorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_DetectorServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=advsentry_dot_v1_dot_detector__pb2.GetStatusRequest.FromString,
                     response_serializer=advsentry_dot_v1_dot_detector__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'GetTrafficState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrafficState,
+                    request_deserializer=advsentry_dot_v1_dot_detector__pb2.GetTrafficStateRequest.FromString,
+                    response_serializer=advsentry_dot_v1_dot_detector__pb2.GetTrafficStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class DetectorService:
             '/advsentry.v1.DetectorService/GetStatus',
             advsentry_dot_v1_dot_detector__pb2.GetStatusRequest.SerializeToString,
             advsentry_dot_v1_dot_detector__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrafficState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advsentry.v1.DetectorService/GetTrafficState',
+            advsentry_dot_v1_dot_detector__pb2.GetTrafficStateRequest.SerializeToString,
+            advsentry_dot_v1_dot_detector__pb2.GetTrafficStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
