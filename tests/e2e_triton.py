@@ -102,3 +102,43 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def fgsm_pixels(pixels: np.ndarray, eps: float = 2 / 255) -> np.ndarray:
+    """An FGSM copy of ``pixels`` on the bundled model (8-bit grid): on the bundled cat it changes the
+    top-1 class and scores above the clean photo, so tests have a flagged input without running an attack suite."""
+    import torch
+
+    from detector.models import load_bundled_model
+
+    x = torch.from_numpy(np.array(pixels, dtype=np.float32)).requires_grad_(True)
+    logits = load_bundled_model()(x)
+    torch.nn.functional.cross_entropy(logits, logits.argmax(1)).backward()
+    adversarial = ((x + eps * x.grad.sign()).clamp(0, 1) * 255).round().detach() / 255
+    return adversarial.numpy().astype(np.float32)
+
+
+def start_team_server(loop: "LoopThread", interceptor, triton_address: str) -> tuple[Any, int]:
+    """A team's own grpc.aio KServe-v2 server (its ModelInfer calls Triton) with ``interceptor`` installed.
+
+    Returns (server, port); stop it with ``loop.run(server.stop(None))``.
+    """
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    class TeamServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+        stub = None
+
+        async def ModelInfer(self, request, context):  # noqa: N802
+            if self.stub is None:
+                self.stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(triton_address))
+            return await self.stub.ModelInfer(request)
+
+    async def start():
+        server = grpc.aio.server(interceptors=[interceptor])
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(TeamServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    return loop.run(start())

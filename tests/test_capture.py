@@ -157,16 +157,12 @@ def test_explain_reproduces_the_score_of_a_captured_request_after_a_restart(tmp_
     from typer.testing import CliRunner
 
     from detector import DEFAULT_COMBINER, DEFAULT_FEATURES, CalibrationArtifact, Detector
-    from detector.models import bundled_identity, load_bundled_model
-    from e2e_triton import MODEL, RunningSidecar, infer_input, make_settings, outputs, photo_pixels
+    from detector.models import bundled_identity
+    from e2e_triton import MODEL, RunningSidecar, fgsm_pixels, infer_input, make_settings, outputs, photo_pixels
     from service.cli import app
 
-    model = load_bundled_model()
     clean = torch.from_numpy(photo_pixels(1))
-    x = clean.clone().requires_grad_(True)
-    logits = model(x)
-    torch.nn.functional.cross_entropy(logits, logits.argmax(1)).backward()
-    adversarial = (((x + 2 / 255 * x.grad.sign()).clamp(0, 1) * 255).round() / 255).detach()
+    adversarial = torch.from_numpy(fgsm_pixels(photo_pixels(1)))
     local = Detector.default(load_model=True).score(torch.cat([clean, adversarial])).tolist()
     assert local[1] > local[0]
     calibration = tmp_path / "calibration.json"

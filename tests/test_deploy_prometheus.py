@@ -257,16 +257,9 @@ class PrometheusServer:
 
 def _fgsm(pixels: np.ndarray) -> np.ndarray:
     """An FGSM copy of a photo (eps 2/255, 8-bit), as in test_service_e2e: scores above the clean photo."""
-    import torch
+    from e2e_triton import fgsm_pixels
 
-    from detector.models import load_bundled_model
-
-    model = load_bundled_model()
-    x = torch.from_numpy(pixels).clone().requires_grad_(True)
-    logits = model(x)
-    torch.nn.functional.cross_entropy(logits, logits.argmax(1)).backward()
-    adversarial = ((x + 2 / 255 * x.grad.sign()).clamp(0, 1) * 255).round().detach() / 255
-    return adversarial.numpy().astype(np.float32)
+    return fgsm_pixels(pixels)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from e2e_triton import MODEL, RunningSidecar, infer_input, make_settings, outputs, photo_pixels
+from e2e_triton import MODEL, RunningSidecar, fgsm_pixels, infer_input, make_settings, outputs, photo_pixels
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +33,7 @@ NUMERIC = ("advsentry_score", "advsentry_scores", "advsentry_threshold")
 @pytest.fixture(scope="module")
 def photos():
     """A clean photo and an FGSM-perturbed copy (8-bit, eps 2/255)."""
-    import torch
-
-    from detector.models import load_bundled_model
-
-    model = load_bundled_model()
-    x = torch.from_numpy(photo_pixels(1)).requires_grad_(True)
-    logits = model(x)
-    torch.nn.functional.cross_entropy(logits, logits.argmax(1)).backward()
-    adversarial = ((x + 2 / 255 * x.grad.sign()).clamp(0, 1) * 255).round().detach() / 255
-    return photo_pixels(1), adversarial.numpy().astype(np.float32)
+    return photo_pixels(1), fgsm_pixels(photo_pixels(1))
 
 
 def _start(triton, **settings) -> RunningSidecar:

@@ -19,7 +19,6 @@ served and annotated.
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from tritonclient.grpc import service_pb2
@@ -104,32 +103,15 @@ def test_undecodable_stream_message_is_answered_in_the_stream(client):
 
 def test_library_interceptor_answers_undecodable_bytes_with_invalid_argument(triton):
     """A team's own grpc.aio server with the interceptor: same status for bad bytes, same stream rule."""
-    from tritonclient.grpc import service_pb2_grpc
-
     from detector.detector import DEFAULT_ARTIFACT_PATH
-    from e2e_triton import LoopThread
+    from e2e_triton import LoopThread, start_team_server
     from service.grpc.interceptor import build_interceptor
     from service.settings import Settings
 
     interceptor = build_interceptor(Settings(models={PROTECTED: {}}, calibration=DEFAULT_ARTIFACT_PATH))
     loop = LoopThread()
 
-    class TeamServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-        stub = None
-
-        async def ModelInfer(self, request, context):  # noqa: N802
-            if self.stub is None:
-                self.stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(triton.grpc_address))
-            return await self.stub.ModelInfer(request)
-
-    async def start():
-        server = grpc.aio.server(interceptors=[interceptor])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(TeamServicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = start_team_server(loop, interceptor, triton.grpc_address)
     team = FuzzClient(f"127.0.0.1:{port}")
     try:
         outcome = team.unary(UNDECODABLE["garbage"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import queue
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from e2e_triton import (
     MODEL,
     RunningSidecar,
     export_bundled,
+    fgsm_pixels,
     infer_input,
     make_settings,
     outputs,
@@ -108,17 +108,7 @@ def sidecar(triton):
 @pytest.fixture(scope="module")
 def photos():
     """A clean photo and an FGSM-perturbed copy (8-bit, eps 2/255, changes the top-1 class)."""
-    import torch
-
-    from detector.models import load_bundled_model
-
-    model = load_bundled_model()
-    clean = torch.from_numpy(photo_pixels(1))
-    x = clean.clone().requires_grad_(True)
-    logits = model(x)
-    torch.nn.functional.cross_entropy(logits, logits.argmax(1)).backward()
-    adversarial = ((x + 2 / 255 * x.grad.sign()).clamp(0, 1) * 255).round().detach() / 255
-    return clean.numpy(), adversarial.numpy().astype(np.float32)
+    return photo_pixels(1), fgsm_pixels(photo_pixels(1))
 
 
 def _free_port() -> int:

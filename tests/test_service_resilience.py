@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from e2e_triton import MODEL, LoopThread, RunningSidecar, infer_input, make_settings, outputs, photo_pixels
+from e2e_triton import MODEL, LoopThread, RunningSidecar, infer_input, start_team_server, make_settings, outputs, photo_pixels
 
 pytestmark = pytest.mark.slow
 
@@ -148,8 +148,6 @@ def test_detector_service_detect_stream_and_status(triton):
 
 def test_library_interceptor_protects_a_teams_own_server(triton, tmp_path):
     """A team's own KServe-v2 grpc.aio server (here: one that forwards to Triton) with the interceptor."""
-    from tritonclient.grpc import service_pb2_grpc
-
     from service.grpc.interceptor import build_interceptor
     from service.settings import Settings
 
@@ -159,23 +157,7 @@ def test_library_interceptor_protects_a_teams_own_server(triton, tmp_path):
     interceptor = build_interceptor(Settings(models={MODEL: {}}, calibration=calibration, policy="reject", disclosure="score"))
     loop = LoopThread()
 
-    class TeamServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-        def __init__(self):
-            self.stub = None
-
-        async def ModelInfer(self, request, context):  # noqa: N802
-            if self.stub is None:
-                self.stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(triton.grpc_address))
-            return await self.stub.ModelInfer(request)
-
-    async def start():
-        server = grpc.aio.server(interceptors=[interceptor])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(TeamServicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = start_team_server(loop, interceptor, triton.grpc_address)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         with pytest.raises(Exception) as caught:
