@@ -19,6 +19,20 @@ import pytest
 import torch
 
 from e2e_triton import RunningSidecar, make_settings, wait_for
+from service.observe import RequestHook
+
+
+class ClientRecorder(RequestHook):
+    """A request hook that records who each admitted request came from, as the sidecar resolved it."""
+
+    name = "test_recorder"
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    async def admit(self, ctx) -> None:
+        self.seen.append(ctx.client)
+
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +153,6 @@ def test_client_id_metadata_reaches_the_sidecar_and_refusals_stop_the_client(tri
     from benchmarks.attack_client import AttackClient
     from detector import FEATURE_RESPONSE, PAPER_CONFIG, CalibrationArtifact
     from detector.models import ModelIdentity
-    from service.observe import RequestHook
     from service.settings import ModelProtection
 
     artifact = tmp_path / "small.json"
@@ -147,15 +160,9 @@ def test_client_id_metadata_reaches_the_sidecar_and_refusals_stop_the_client(tri
     settings = make_settings(upstream=triton.grpc_address, client_id_metadata_key="x-client-id",
                              models={SMALL: ModelProtection(calibration=artifact, policy="reject")})
     running = RunningSidecar(settings)
-    seen = []
-
-    class Recorder(RequestHook):
-        name = "test_recorder"
-
-        async def admit(self, ctx) -> None:
-            seen.append(ctx.client)
-
-    running.sidecar.core.hooks.append(Recorder())
+    recorder = ClientRecorder()
+    seen = recorder.seen
+    running.sidecar.core.hooks.append(recorder)
     try:
         with AttackClient(running.address, SMALL, client_id="attacker-9", headers={"x-extra": "1"}) as client:
             run = client.run("square", images, params={"eps": 8 / 255, "n_queries": 10})
@@ -195,7 +202,6 @@ def test_mutual_tls_client_is_identified_by_its_certificate(triton, images, tmp_
     from detector import FEATURE_RESPONSE, PAPER_CONFIG, CalibrationArtifact
     from detector.calibrate.triton_query import TlsConfig
     from detector.models import ModelIdentity
-    from service.observe import RequestHook
     from service.settings import ModelProtection
     from test_tls import Pki  # the TLS tests' throwaway CAs and certificates
 
@@ -207,15 +213,9 @@ def test_mutual_tls_client_is_identified_by_its_certificate(triton, images, tmp_
                              tls_client_ca_file=pki.path("client-ca"), tls_require_client_cert=True,
                              models={SMALL: ModelProtection(calibration=artifact, policy="annotate")})
     running = RunningSidecar(settings)
-    seen = []
-
-    class Recorder(RequestHook):
-        name = "test_recorder"
-
-        async def admit(self, ctx) -> None:
-            seen.append(ctx.client)
-
-    running.sidecar.core.hooks.append(Recorder())
+    recorder = ClientRecorder()
+    seen = recorder.seen
+    running.sidecar.core.hooks.append(recorder)
     try:
         tls = TlsConfig(pki.path("server-ca"), pki.path("client-key"), pki.path("client"))
         with AttackClient(running.address, SMALL, tls=tls) as client:
