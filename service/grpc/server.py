@@ -38,16 +38,18 @@ def request_hooks(settings: Settings, metrics: SidecarMetrics) -> list[RequestHo
     Order matters: admission hooks run in this order (cheap refusals first) and
     a later hook's response parameters overwrite an earlier one's.
     """
-    hooks: list[RequestHook] = []
-    from ..shedding import shedding_hook_from_settings  # load shedding first: the cheapest refusal (issue 13)
-    hooks.extend(hook for hook in [shedding_hook_from_settings(settings, metrics)] if hook is not None)
-    from ..capture import capture_hook_from_settings  # capture ring (issue 14)
-    hooks.extend(hook for hook in [capture_hook_from_settings(settings, metrics)] if hook is not None)
-    from ..probing import probing_hook_from_settings  # probing detection (issue 12)
-    hooks.extend(hook for hook in [probing_hook_from_settings(settings, metrics)] if hook is not None)
-    from ..traffic import traffic_hook  # traffic score sketch (issue 12)
-    hooks.extend(hook for hook in [traffic_hook(settings, metrics)] if hook is not None)
-    return hooks
+    from ..capture import capture_hook_from_settings
+    from ..probing import probing_hook_from_settings
+    from ..shedding import shedding_hook_from_settings
+    from ..traffic import traffic_hook
+
+    candidates = [
+        shedding_hook_from_settings(settings, metrics),  # load shedding first: the cheapest refusal
+        capture_hook_from_settings(settings, metrics),  # ring of flagged requests (opt-in)
+        probing_hook_from_settings(settings, metrics),  # per-client probing detection
+        traffic_hook(settings, metrics),  # traffic score sketch
+    ]
+    return [hook for hook in candidates if hook is not None]
 
 
 class Sidecar:
