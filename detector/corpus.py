@@ -27,6 +27,10 @@ CORPUS_ENV = "ADVSENTRY_CORPUS_DIR"
 SCHEMA = "advsentry.corpus/v1"
 SPLITS = ("dev", "test")
 _REQUIRED = ("id", "file", "split", "source", "kind", "label", "confidence", "sha256")
+#: Packages whose images are kept for an independent evaluation: never read for development,
+#: tests or tuning. The builder never reads them; the loader refuses a corpus that names one, so
+#: no reader of the corpus (calibrate, the studies, probe, benchmarks) needs its own filter.
+RESERVED_PACKAGES = frozenset({"foolbox", "caer", "palapeli-data", "opencv-doc"})
 
 
 class CorpusError(ValueError):
@@ -156,6 +160,10 @@ def load_corpus(root: Path | str | None = None, *, verify: bool = False) -> Corp
             )
         except (TypeError, ValueError) as exc:
             raise CorpusError(f"{path}: images[{n}] is malformed: {exc}") from exc
+        reserved = sorted({str(p.get("package")) for p in image.provenance} & RESERVED_PACKAGES)
+        if reserved:
+            raise CorpusError(f"{path}: image {image.id!r} comes from reserved package(s) {reserved}, whose "
+                              f"images are kept for an independent evaluation; {hint} --force")
         if not file.is_file():
             raise CorpusError(f"{file}: missing corpus image {image.id!r}; {hint} --force")
         if verify and _sha256(file) != image.sha256:

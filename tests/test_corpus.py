@@ -224,6 +224,14 @@ def test_load_corpus_round_trip_and_verify(tmp_path: Path) -> None:
         load_corpus(tmp_path, verify=True)
 
 
+def test_load_corpus_refuses_images_from_reserved_packages(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path)
+    manifest["images"][2]["provenance"].append({"package": "palapeli-data", "path": "/usr/share/x", "role": "photo"})
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError, match="reserved package"):
+        load_corpus(tmp_path)
+
+
 def test_load_corpus_malformed(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path)
     manifest["schema"] = "something/else"

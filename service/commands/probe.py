@@ -2,8 +2,8 @@
 
 Images come from a directory (``--images``), the bundled photos
 (``--bundled``) or the corpus's **dev** part (``--corpus-dev N``: the first N
-dev images by id, never the test part, never images from the packages
-foolbox, caer, palapeli-data or opencv-doc). Adversarials are made with the
+dev images by id, never the test part; the corpus loader refuses images from
+reserved packages). Adversarials are made with the
 repository's attack generators on the bundled EfficientNet-Lite0 (labels = its
 own top-1, 8-bit quantized); only successful adversarials are probed. The
 report (``probe.json`` + ``index.html``) gives every probe's distribution per
@@ -19,8 +19,6 @@ from typing import Annotated, Optional
 
 import typer
 
-#: Corpus packages this command never reads (licence / provenance reasons).
-EXCLUDED_PACKAGES = frozenset({"foolbox", "caer", "palapeli-data", "opencv-doc"})
 #: Bar for "useful detection signal": the bootstrap interval's far end from 0.5 (AUC or 1 − AUC).
 USEFUL_SEPARATION = 0.75
 #: Fewest clean and adversarial values per probe before the report calls a probe useful or not.
@@ -42,9 +40,7 @@ def _images(images: Optional[Path], bundled: bool, corpus_dev: int, limit: Optio
     if corpus_dev:
         from detector.corpus import load_corpus
 
-        dev = [image for image in load_corpus().split("dev")
-               if not any(p.get("package") in EXCLUDED_PACKAGES for p in image.provenance)]
-        for image in sorted(dev, key=lambda image: image.id)[:corpus_dev]:
+        for image in sorted(load_corpus().split("dev"), key=lambda image: image.id)[:corpus_dev]:
             named.append((f"corpus-dev:{image.id}", image.pixels()))
     return named[:limit] if limit else named
 
