@@ -229,7 +229,7 @@ class Settings(BaseSettings):
         "that serves advsentry_embedding (advsentry export-model).",
     )
     probing_threshold: float = Field(
-        default=0.12, gt=0, description="Flag a client when a query's mean distance to its k nearest previous "
+        default=0.42, gt=0, description="Flag a client when a query's mean distance to its k nearest previous "
         "queries (unit embeddings, 0..2) falls below this; chosen on the corpus dev part (benchmarks/probing.py).",
     )
     probing_k: int = Field(default=8, ge=1, description="Neighbours averaged (fewer while the history is shorter).")

@@ -226,3 +226,16 @@ def test_reject_refuses_a_flagged_client_during_its_cooldown_then_serves_it_agai
         assert _infer(running.address, photos[5], "attacker", "logits").as_numpy("logits").shape == (1, 1000)
     finally:
         running.stop()
+
+
+def test_shipped_probing_defaults_are_the_ones_the_benchmark_chose_on_dev():
+    """The settings' defaults must be what benchmarks/probing.py chose on the corpus dev part and measured."""
+    import json
+    from pathlib import Path
+
+    from service.settings import Settings
+
+    chosen = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/probing.json").read_text())
+    fields = Settings.model_fields
+    assert fields["probing_threshold"].default == chosen["threshold"]["chosen"]
+    assert fields["probing_k"].default == chosen["threshold"]["k"]
