@@ -131,7 +131,7 @@ def run(data: dict[str, Any], repeats: int, seed: int) -> dict[str, Any]:
 def run_scenario(dev_clean: np.ndarray, test_clean: np.ndarray, data: dict[str, Any], repeats: int,
                  seed: int) -> dict[str, Any]:
     from detector.calibrate.intervals import rate_interval
-    from detector.calibrate.traffic import calibrate_from_traffic, quantile_level
+    from service.traffic_calibration import calibrate_from_traffic, quantile_level
     from detector.detector import DEFAULT_ARTIFACT
     from service.traffic import TrafficState
 

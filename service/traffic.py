@@ -23,7 +23,7 @@ From the union of a series' windows come:
   it also counts real attacks, so it is an upper bound on the FPR. Far above
   the artifact's ``target_fpr`` means the threshold does not fit this traffic
   (``GetStatus``, ``advsentry_traffic_implied_fpr``, the alert);
-- ``advsentry calibrate traffic`` (``detector/calibrate/traffic.py``), which
+- ``advsentry calibrate traffic`` (``service/traffic_calibration.py``), which
   merges the state of several replicas (state files, or ``GetTrafficState`` of
   running sidecars) into a threshold for a target FPR.
 

@@ -9,7 +9,7 @@ killed run resumes where it stopped; ``--shard i/n`` computes one part and
 ``calibrate verify`` checks an artifact (schema, checksum, and optionally
 that it fits a model) the way the sidecar does before loading it.
 ``calibrate traffic`` derives a threshold from the score sketches sidecars
-keep of live traffic (issue 12; ``detector/calibrate/traffic.py``).
+keep of live traffic (issue 12; ``service/traffic_calibration.py``).
 
 Clean images: ``--images``, else the real-photo corpus's dev part when it is
 installed (and the model is the bundled one), else the bundled photos
@@ -262,7 +262,7 @@ def traffic(
 
     Exit codes: 0 ok, 2 usage / unusable sources, 4 base artifact refused.
     """
-    from detector.calibrate.traffic import TrafficCalibrationError, calibrate_from_traffic, write
+    from service.traffic_calibration import TrafficCalibrationError, calibrate_from_traffic, write
     from detector.calibration import CalibrationArtifact, CalibrationError
     from detector.detector import resolve_artifact
     from service.cli import EXIT_CALIBRATION_ERROR

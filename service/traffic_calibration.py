@@ -1,5 +1,9 @@
 """``advsentry calibrate traffic``: a threshold from the score sketches the sidecars kept of live traffic (issue 12).
 
+It lives in ``service/`` beside the sketches it reads (``service/traffic.py``)
+because it talks to running sidecars over their gRPC API; ``detector/`` stays
+free of the service.
+
 Sources are sidecar state files (``traffic_state_path``) or running sidecars
 (``HOST:PORT``, read with the ``GetTrafficState`` RPC); their sketches are
 merged (DDSketch merges exactly: the merged sketch is the sketch of the union
@@ -39,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..calibration import CalibrationArtifact
+from detector.calibration import CalibrationArtifact
+
+from .traffic import TrafficState, TrafficStateError, fraction_above, merge_states, quantile, write_atomic
 
 #: fewer expected scores above the threshold than this and the quantile is mostly noise
 MIN_EXPECTED_ABOVE = 10
@@ -70,16 +76,14 @@ def _is_endpoint(text: str) -> bool:
 
 
 def read_source(source: str, *, model: str | None = None, metadata: Sequence[tuple[str, str]] = (),
-                ca_file: Path | None = None, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
+                ca_file: Path | None = None, timeout_s: float = 30.0) -> TrafficState:
     """One source's :class:`~service.traffic.TrafficState`: a state file, or a sidecar's ``GetTrafficState``."""
-    from service.traffic import TrafficState, TrafficStateError
-
     try:
         if not _is_endpoint(source):
             return TrafficState.load(source)
         import grpc
 
-        from service._proto.advsentry.v1 import detector_pb2, detector_pb2_grpc
+        from ._proto.advsentry.v1 import detector_pb2, detector_pb2_grpc
 
         if ca_file is not None:
             channel = grpc.secure_channel(source, grpc.ssl_channel_credentials(Path(ca_file).read_bytes()))
@@ -118,7 +122,6 @@ def calibrate_from_traffic(
     ca_file: Path | None = None,
 ) -> TrafficCalibration:
     """Merge the sources' sketches and derive the artifact (not written; see :func:`write`)."""
-    from service.traffic import TrafficStateError, fraction_above, merge_states, quantile
 
     if not sources:
         raise TrafficCalibrationError("--from needs at least one HOST:PORT or state file")
@@ -183,7 +186,6 @@ def write(calibration: TrafficCalibration, out: Path) -> None:
     """Write the artifact atomically (a sidecar polling ``out`` never sees half a file)."""
     import json
 
-    from service.traffic import write_atomic
 
     document = calibration.artifact.to_document()
     write_atomic(Path(out), (json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
