@@ -195,12 +195,28 @@ def test_entropy_output_name_pins_the_maps_their_configs_and_order():
     name = entropy_output_name(configs)
     assert name.startswith("advsentry_entropy_") and name == Detector.default().entropy_output
     from detector.signals import feature_from_dict
+    from detector.signals.base import pack_array, unpack_array
 
     assert name == entropy_output_name([feature_from_dict(c.to_dict()) for c in configs])  # stable
     assert entropy_output_name(configs[::-1]) != name  # column order matters
-    entropy_column = next(i for i, c in enumerate(configs) if hasattr(c, "levels"))
-    changed = configs[entropy_column].replace(levels=configs[entropy_column].levels * 2)
-    assert entropy_output_name([*configs[:entropy_column], changed, *configs[entropy_column + 1:]]) != name
+    # any change of a column's configuration, a learned signal's fitted parameters included, renames it
+    renamed = set()
+    for column, config in enumerate(configs):
+        document = config.to_dict()
+        key = next(k for k in ("parameters", "reference", "bits", "levels") if k in document) if set(document) - {"signal"} else None
+        if key is None:  # parameter-free (logit statistics): nothing to change
+            continue
+        if isinstance(document[key], int):
+            document[key] += 1
+        else:  # a packed array: move one value
+            values = unpack_array(document[key]).copy()
+            values.flat[-1] += 1.0
+            document[key] = pack_array(values, dtype=document[key].split(":", 1)[0])
+        changed = feature_from_dict(document)
+        assert changed != config
+        assert entropy_output_name([*configs[:column], changed, *configs[column + 1:]]) != name, config.to_dict().get("signal")
+        renamed.add(document.get("signal", "entropy"))
+    assert renamed >= {"head", "lid", "squeeze_l1"} or renamed >= {"entropy"}, renamed
     assert entropy_output_name(configs[:-1]) != name
 
 
