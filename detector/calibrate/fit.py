@@ -7,7 +7,10 @@
 - With ``refit_combiner`` a :class:`LogisticCombiner` over the detector's maps
   is fitted on fit-split clean images against the successful adversarials of
   fit-split images (all attacks pooled); otherwise the configured combiner
-  is kept as is.
+  is kept as is. With ``refit_signals`` (which implies it) the learned
+  signals' columns of the fit rows already hold out-of-fold values and those
+  of held-out rows the refitted signals' values (``CalibrationJob.refit_signals``),
+  so everything here works unchanged.
 - Per attack: success rate, perturbation size (median L∞ and L2 in 8-bit
   gray levels, L0 in pixels) and query counts over the attacked images; AUC and
   TPR at 1/5/10 % FPR with bootstrap intervals (:func:`detector.evaluation.evaluate`)

@@ -8,6 +8,11 @@ single run and ``merge`` of its shards go through the same ``finalize`` over
 the same unit contents, so they give the same artifact (bar ``created_at``
 and the id and checksum derived from it).
 
+With ``refit_signals`` the units also keep the learned signals' raw parts
+and ``finalize`` refits those signals on the fit split (out of fold by
+source, :func:`detector.signals.fitting.cross_fit`) before the combiner and
+thresholds are fitted; see :meth:`CalibrationJob.refit_signals`.
+
 Progress: one tqdm bar per stage on stderr, counted in images, with ETA.
 """
 
@@ -26,7 +31,8 @@ from detector.calibration import CalibrationArtifact, library_versions
 from detector.combiner import Combiner, SingleMap
 from detector.config import PAPER_CONFIG
 from detector.detector import FEATURE_RESPONSE, Detector, resolve_artifact
-from detector.signals import FeatureConfig
+from detector.signals import FeatureConfig, LearnedSignal
+from detector.signals.fitting import CrossFit, cross_fit, signal_values
 from detector.models import ModelIdentity
 
 from . import stages
@@ -96,6 +102,8 @@ class CalibrationJob:
         self.progress = progress
         self.plan = plan_clean_images(config)
         self.features, self.combiner = detector_config(config.detector)
+        if config.refit_signals and not self.learned:
+            raise JobConfigError(f"--refit-signals: detector {config.detector!r} has no learned signal (lid, fourier, head) to refit")
         self._identity = identity
         self._runtime: stages.Runtime | None = None
         self.sample_size: SampleSize | None = None  # set by finalize()
@@ -129,10 +137,17 @@ class CalibrationJob:
         return self._identity
 
     @property
+    def learned(self) -> dict[str, LearnedSignal]:
+        """The detector's learned signals (whose parameters ``refit_signals`` refits)."""
+        return {name: c for name, c in self.features.items() if isinstance(c, LearnedSignal)}
+
+    @property
     def clean_key(self) -> str:
         c = self.config
+        # units with raw parts are other units: the marker keeps jobs without --refit-signals on their old keys
+        raw = ("raw parts", sorted(self.learned)) if c.refit_signals else ()
         return digest("clean", self.plan.key, self.identity.to_dict(), {k: v.to_dict() for k, v in self.features.items()},
-                      c.confidence_floor, "triton" if c.scores_via_triton else "local")
+                      c.confidence_floor, "triton" if c.scores_via_triton else "local", *raw)
 
     def universal_key(self, spec: AttackSpec) -> str:
         return digest("universal", self.clean_key, spec.to_dict(), self.config.seed, self.config.quantize,
@@ -252,6 +267,9 @@ class CalibrationJob:
         banks = {spec.label: concat_attack(spec, attack_units[spec.label][0], features, attack_units[spec.label][1])
                  for spec in self.config.attacks}
         _, group_of = np.unique([c.group for c in self.plan.candidates], return_inverse=True)
+        features, signal_fits = self.features, None
+        if self.config.refit_signals:
+            features, signal_fits = self.refit_signals(clean_units, attack_units, entropies, selected, banks, holdout_of, group_of)
         result = calibrate(self.config, self.combiner, entropies, holdout_of[selected], banks, holdout_of,
                            clean_groups=group_of[selected], group_of=group_of)
         self.sample_size = SampleSize(
@@ -273,14 +291,92 @@ class CalibrationJob:
             "attacks": result.per_attack,
             "combiner": "refitted on the fit split" if self.config.refit_combiner else f"as configured ({self.config.detector})",
         }
+        if signal_fits is not None:
+            results["signals"] = "refitted on the fit split, out-of-fold by source"
+            results["signal_fits"] = signal_fits
         job = self.config.to_dict()
         job["scoring"] = "triton" if self.config.scores_via_triton else "local"
         artifact = CalibrationArtifact.create(
-            result.threshold, self.features, self.identity, result.combiner,
+            result.threshold, features, self.identity, result.combiner,
             target_fpr=self.config.target_fprs[0], data=_clean_json(data), results=_clean_json(results),
             job=_clean_json(job), versions=library_versions(VERSIONED_PACKAGES),
         )
         return artifact, result, banks
+
+    def refit_signals(
+        self,
+        clean_units: list[dict[str, Any]],
+        attack_units: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]],
+        entropies: np.ndarray,
+        selected: np.ndarray,
+        banks: dict[str, AttackBank],
+        holdout_of: np.ndarray,
+        group_of: np.ndarray,
+    ) -> tuple[dict[str, FeatureConfig], dict[str, dict[str, Any]]]:
+        """Refit every learned signal on the fit split; rewrite its column in ``entropies`` and the banks in place.
+
+        Fit rows: the selected clean images of the fit split and the successful
+        adversarials of fit-split images, every attack weighted equally,
+        grouped by source. Their column becomes out-of-fold values (each from
+        the signal fitted without the row's source), so the combiner and
+        threshold fitted next never read a value from a signal that saw its
+        source; held-out rows (clean and adversarial) get the values of the
+        signal fitted on all fit rows, the one the artifact ships. Returns the
+        features with the refitted signals, and what each fit used.
+        """
+        names = list(self.features)
+        clean_fit = ~holdout_of[selected]
+        fit_of = {label: ~holdout_of[bank.success_indices] for label, bank in banks.items()}
+        weights = [np.full(int(clean_fit.sum()), 1.0 / max(int(clean_fit.sum()), 1))]
+        weights += [np.full(int(fit.sum()), 1.0 / max(int(fit.sum()), 1)) for fit in fit_of.values()]
+        weight = np.concatenate(weights)
+        n_clean = int(clean_fit.sum())
+        is_clean = np.arange(len(weight)) < n_clean
+        if is_clean.all():
+            raise ValueError("--refit-signals: no successful adversarial of a fit-split image to fit the learned signals on; "
+                             "add images or attacks")
+        groups = np.concatenate([group_of[selected][clean_fit], *[group_of[b.success_indices][fit_of[label]]
+                                                                   for label, b in banks.items()]])
+        features = dict(self.features)
+        fits: dict[str, dict[str, Any]] = {}
+
+        def rows(units: list[dict[str, Any]], name: str) -> torch.Tensor:  # a unit's raw rows follow its scored rows
+            parts = [u["raw"][name] for u in units if len(u["entropies"])]
+            return torch.cat(parts) if parts else torch.zeros(0)
+
+        for name, template in self.learned.items():
+            column = names.index(name)
+            clean_raw = rows(clean_units, name)
+            attack_raw = {label: rows(attack_units[label][0], name) for label in banks}
+            if len(clean_raw) != len(entropies) or any(len(attack_raw[l]) != len(b.entropies) for l, b in banks.items()):
+                raise RuntimeError(f"learned signal {name!r}: raw parts and scored rows differ in number (units of another job?)")
+            parts = [clean_raw[torch.from_numpy(clean_fit)], *[attack_raw[label][torch.from_numpy(fit_of[label])] for label in banks]]
+            raw = torch.cat([part for part in parts if len(part)])
+            try:
+                result: CrossFit = cross_fit(template, raw, groups, is_clean, ~is_clean, weight, seed=self.config.seed, name=name)
+            except (ValueError, RuntimeError) as error:
+                raise ValueError(f"--refit-signals: learned signal {name!r} cannot be fitted on the fit split "
+                                 f"({n_clean} clean, {len(weight) - n_clean} adversarial rows): {error}; add images") from error
+            signal = result.signal
+            entropies[clean_fit, column] = result.out_of_fold[:n_clean]
+            entropies[~clean_fit, column] = signal_values(signal, clean_raw[torch.from_numpy(~clean_fit)])
+            start = n_clean
+            for label, bank in banks.items():
+                fit = fit_of[label]
+                bank.entropies[fit, column] = result.out_of_fold[start : start + int(fit.sum())]
+                bank.entropies[~fit, column] = signal_values(signal, attack_raw[label][torch.from_numpy(~fit)])
+                start += int(fit.sum())
+            features[name] = signal
+            fits[name] = {
+                "clean_rows": n_clean, "adversarial_rows": int(len(weight) - n_clean),
+                "sources": int(len(np.unique(groups))), "folds": result.folds,
+                "folds_not_out_of_fold": list(result.fallback_folds),
+            }
+            if result.fallback_folds:
+                LOGGER.warning("learned signal %s: fold(s) %s could not be fitted without their sources (too few fit rows); "
+                               "their rows' values are in-sample", name, list(result.fallback_folds))
+            LOGGER.info("learned signal %s refitted on %d fit rows (%d folds by source)", name, len(weight), result.folds)
+        return features, fits
 
 
 def merge_job(dirs: Sequence[str | Path], *, progress: bool = False) -> CalibrationJob:

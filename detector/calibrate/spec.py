@@ -157,6 +157,9 @@ class JobConfig:
     # the detector and the threshold
     detector: str = "default"  # default | paper | FILE (artifact whose maps/combiner are used)
     refit_combiner: bool = False
+    #: refit the detector's learned signals (LID, Fourier, heads) on the fit split, out of fold by source;
+    #: implies ``refit_combiner`` (set here: a combiner fitted on the old signals' scale would be meaningless)
+    refit_signals: bool = False
     target_fprs: tuple[float, ...] = (0.05,)
     n_boot: int = 1000
     # execution
@@ -184,6 +187,13 @@ class JobConfig:
             raise JobConfigError(f"attack labels must be unique (use as=LABEL), got {labels}")
         if self.uses_triton and not (self.triton_url and self.triton_model):
             raise JobConfigError("a Triton model needs --triton-url and --triton-model")
+        if self.refit_signals and self.scores_via_triton:
+            raise JobConfigError(
+                "--refit-signals needs the raw parts of the learned signals (activations of the model's layers), which "
+                "only a local model gives; it cannot run with --model triton or --score-via-triton"
+            )
+        if self.refit_signals and not self.refit_combiner:
+            object.__setattr__(self, "refit_combiner", True)  # the combiner must be refitted on the new signals
         if self.model == "triton":
             white = [a.label for a in self.attacks if a.scenario in ("white_box", "universal")]
             if white:

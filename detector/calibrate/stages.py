@@ -7,7 +7,10 @@ attacked as the same batch with the same seed, whichever process runs it.
 
 Units store per-map *entropies*, not scores, so that the combiner can be
 (re)fitted afterwards without rescoring. Only successful adversarials are
-scored: they are the positives.
+scored: they are the positives. With ``refit_signals`` they also store each
+learned signal's ``raw`` part of the scored rows (``{name: [rows, ...]}``,
+feature maps as float16), taken from the activations of the same forward
+pass that scored them, so the job can refit the signals afterwards.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch import nn
 from detector.attacks import QueryModel, make_attack
 from detector.config import ScoreConfig
 from detector.entropy import gray_levels, local_entropy_map
+from detector.signals import LearnedSignal, Signal, SignalContext
+from detector.signals.fitting import capture_first, stored_form
 
 from .access import Scorer
 from .data import CleanPlan
@@ -55,6 +60,44 @@ class Runtime:
         return self.local
 
 
+def learned_signals(runtime: Runtime) -> dict[str, LearnedSignal]:
+    """The detector's learned signals whose raw parts the units keep: all of them with ``refit_signals``, else none."""
+    if not runtime.config.refit_signals:
+        return {}
+    return {name: c for name, c in runtime.scorer.detector.features.items() if isinstance(c, LearnedSignal)}
+
+
+def _score(runtime: Runtime, batch: torch.Tensor, rows: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The detector's maps of ``batch`` and (with ``refit_signals``) the learned signals' raw parts of its first ``rows``.
+
+    The raw parts come from the activations of the scoring call's own (first)
+    forward pass; for a fitted signal, ``from_raw(raw)`` is checked against
+    the value the scoring call served, so a stored raw part is exactly what
+    the served value was computed from.
+    """
+    learned = learned_signals(runtime)
+    if not learned:
+        return runtime.scorer.maps(batch)[0], None
+    local = runtime.scorer.local
+    if local is None:  # JobConfig refuses refit_signals with Triton scoring; this guards direct use
+        raise RuntimeError("refit_signals needs a local model (raw parts come from its activations)")
+    layers = {layer for signal in learned.values() for layer in signal.layers()}
+    with capture_first(local, layers) as captured:
+        maps, logits = runtime.scorer.maps(batch)
+    context = SignalContext(local, batch.to(runtime.scorer.detector.device), logits, activations=captured)
+    raw: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, signal in learned.items():
+            value = signal.raw(context).float()
+            if signal.fitted:
+                served, recomputed = Signal.reduce(maps[name]), signal.from_raw(value).float()
+                if not torch.allclose(served, recomputed, rtol=1e-4, atol=1e-5):
+                    raise RuntimeError(f"learned signal {name!r}: raw part does not reproduce the served value "
+                                       f"(max difference {float((served - recomputed).abs().max()):.3g})")
+            raw[name] = stored_form(value[:rows]).cpu()
+    return maps, raw
+
+
 def clean_unit(runtime: Runtime, chunk: int) -> dict[str, Any]:
     """Labels, confidence, selection and (for selected images) entropies of one clean chunk."""
     indices = list(runtime.plan.chunk(chunk))
@@ -63,10 +106,12 @@ def clean_unit(runtime: Runtime, chunk: int) -> dict[str, Any]:
     confidence, labels = probabilities.max(dim=1)
     selected = confidence >= runtime.config.confidence_floor
     entropies = torch.zeros(0, len(runtime.scorer.detector.features))
+    raw = None
     if selected.any():
-        maps, _ = runtime.scorer.maps(pixels[selected.to(pixels.device)])
+        batch = pixels[selected.to(pixels.device)]
+        maps, raw = _score(runtime, batch, len(batch))
         entropies = runtime.scorer.entropies(maps)
-    return {
+    record = {
         "indices": torch.tensor(indices),
         "labels": labels,
         "confidence": confidence,
@@ -74,6 +119,9 @@ def clean_unit(runtime: Runtime, chunk: int) -> dict[str, Any]:
         "entropies": entropies.double(),  # rows: selected images, in order
         "classes": int(probabilities.shape[1]),
     }
+    if runtime.config.refit_signals:
+        record["raw"] = raw or {}  # rows: as "entropies"; empty when nothing was selected
+    return record
 
 
 def target_labels(indices: list[int], labels: torch.Tensor, classes: int, seed: int) -> torch.Tensor:
@@ -179,9 +227,11 @@ def attack_unit(runtime: Runtime, spec: AttackSpec, chunk: int, clean: dict[str,
         want_example = chunk < config.example_chunks
         if want_example:  # the clean counterpart rides along in the same scoring call
             batch = torch.cat([batch, pixels[hits[0] : hits[0] + 1]])
-        maps, _ = runtime.scorer.maps(batch)
+        maps, raw = _score(runtime, batch, len(hits))
         entropies = runtime.scorer.entropies(maps).double()
         record["entropies"] = entropies[: len(hits)]
+        if raw is not None:
+            record["raw"] = raw  # rows: as "entropies" (the successful adversarials)
         if want_example:
             record["example"] = _example(
                 runtime, indices[hits[0]], pixels[hits[0]], result.adversarial[hits[0]],

@@ -105,6 +105,7 @@ def run(
     quantize: Annotated[bool, typer.Option("--quantize/--no-quantize", help="Adversarials on the 8-bit grid.")] = True,
     detector: Annotated[str, typer.Option(help="Detector signals/combiner: default (the corpus study's choice), entropy-9photo (the previous default), paper, or an artifact FILE.")] = "default",
     refit_combiner: Annotated[bool, typer.Option("--refit-combiner", help="Fit a logistic combiner over the maps on the fit split.")] = False,
+    refit_signals: Annotated[bool, typer.Option("--refit-signals", help="Also refit the learned signals (lid, fourier, head) on the fit split, out of fold by source; implies --refit-combiner; needs a local model.")] = False,
     target_fpr: Annotated[Optional[list[float]], typer.Option("--target-fpr", help="Target FPR (repeatable; the first is put in force).")] = None,
     n_boot: Annotated[int, typer.Option(min=10, help="Bootstrap resamples for the intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of crops, split, attacks, bootstrap.")] = 0,
@@ -144,7 +145,7 @@ def run(
             crops_per_photo=crops_per_photo, min_confidence=min_confidence,
             image_size=image_size, holdout=holdout,
             attacks=tuple(AttackSpec.parse(text) for text in (attack or DEFAULT_ATTACKS)), quantize=quantize,
-            detector=detector, refit_combiner=refit_combiner, target_fprs=tuple(target_fpr or (0.05,)),
+            detector=detector, refit_combiner=refit_combiner, refit_signals=refit_signals, target_fprs=tuple(target_fpr or (0.05,)),
             n_boot=n_boot, seed=seed, chunk_size=chunk_size,
         )
     except JobConfigError as error:
