@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from detector.calibrate import JobConfig, JobConfigError
 from detector.calibrate.data import CORPUS_ORIGIN, plan_clean_images
-from detector.calibrate.intervals import clopper_pearson, cluster_auc, rate_interval
+from detector.calibrate.intervals import clopper_pearson, cluster_auc, cluster_rate, rate_interval
 from detector.calibrate.sufficiency import SampleSize, required_sizes
 from detector.calibration import CalibrationArtifact
 
@@ -67,6 +67,18 @@ def test_auc_by_source_matches_sklearn_and_refuses_an_interval_with_few_sources(
     wide = cluster_auc(np.repeat(clean[:20], 10), adversarial[:200], np.repeat(np.arange(20), 10), np.arange(200), n_boot=300)
     narrow = cluster_auc(np.repeat(clean[:20], 10), adversarial[:200], np.arange(200), np.arange(200), n_boot=300)
     assert wide["high"] - wide["low"] > 1.5 * (narrow["high"] - narrow["low"])
+
+
+def test_cluster_rate_redraws_sources_not_inputs():
+    # 40 sources of 10 inputs each, every input of a source flagged together: 8 of 40 sources flagged
+    flags = np.repeat(np.arange(40) < 8, 10)
+    clustered = cluster_rate(flags, np.repeat(np.arange(40), 10), n_boot=400)
+    independent = cluster_rate(flags, np.arange(400), n_boot=400)
+    assert clustered["value"] == independent["value"] == pytest.approx(0.2)
+    assert clustered["low"] < 0.2 < clustered["high"] and clustered["sources"] == 40
+    # 400 inputs that behave as 40: the interval is as wide as 40 draws, far wider than 400 independent ones
+    assert clustered["high"] - clustered["low"] > 2.5 * (independent["high"] - independent["low"])
+    assert cluster_rate(np.zeros(0), np.zeros(0))["value"] is None
 
 
 def test_minimums_follow_the_target_fpr():

@@ -7,7 +7,12 @@
   on the seen attacks (folds grouped by source, so no source is fitted and
   validated at once), within the extra-forward-pass budget; then one fit of a
   (quadratic) logistic combiner with every seen attack weighted equally.
-- Thresholds are fitted on dev clean scores only and carried to the test part.
+- Thresholds are fitted on dev clean scores only and carried to the test part:
+  by default on dev sources held out of every fit (learned signals,
+  selection, combiner) and scored by the pipeline that ships; the out-of-fold
+  scores of the fitted sources are the older protocol, kept for comparison
+  (out-of-fold values come from fold models, not from the signal that ships,
+  so their tail need not match it).
 """
 
 from __future__ import annotations
@@ -82,8 +87,8 @@ class Selection:
     which pushes *their* scores down; a threshold taken from them lands too low
     for unseen images (measured: 11 % realized FPR at a 5 % target). Either the
     out-of-fold scores (folds that did not see the image's source) or, with
-    ``holdout``, the scores of held-out dev sources under the combiner fitted on
-    the others (what ``advsentry calibrate`` does), still on dev only.
+    ``held``, the scores of held-out dev sources under the signals and combiner
+    fitted on the others (what ``advsentry calibrate`` does), still on dev only.
     """
 
     columns: list[int]
@@ -92,6 +97,9 @@ class Selection:
     history: list[tuple[str, float]]
     cost: float
     threshold_clean: np.ndarray
+    #: the fitted sources' out-of-fold clean scores, and (with ``held``) the held sources' clean scores
+    oof_clean: np.ndarray | None = None
+    held_clean: np.ndarray | None = None
 
     def score(self, bank: np.ndarray) -> np.ndarray:
         return self.combiner.combine_array(bank[:, self.columns])
@@ -108,24 +116,29 @@ def select_combined(
     max_features: int = 8,
     quadratic: bool = True,
     c: float = 1.0,
-    holdout: float = 0.0,
+    held: frozenset[str] = frozenset(),
     seed: int = 0,
 ) -> Selection:
-    """Greedy forward selection within ``budget`` extra forward passes (see module docstring)."""
+    """Greedy forward selection within ``budget`` extra forward passes (see module docstring).
+
+    ``held`` (dev sources): selection and fit use the other sources only, the
+    threshold comes from the held sources' clean inputs scored by that fit.
+    The learned signals must have been fitted without them too
+    (:func:`.learned.fit_learned`), so the held scores are those of the
+    pipeline that ships, on sources it never saw.
+    """
     x, y, g, which, weight = _design(split, attacks)
+    is_held = np.isin(g, list(held))
+    held_x = x[is_held & (y == 0)]  # the threshold's clean inputs; every fit below leaves the held sources out
+    x, y, g, which, weight = x[~is_held], y[~is_held], g[~is_held], which[~is_held], weight[~is_held]
     chosen, best, history = greedy_forward(
         range(len(names)), names, max_features,
         allowed=lambda columns: cost({names[i]: configs[names[i]] for i in columns}) <= budget,
         criterion=lambda columns: cv_mean_auc(x[:, columns], y, g, which, weight, quadratic=quadratic, c=c),
     )
-    if holdout:  # fit on most dev sources; the threshold comes from the others' clean inputs, scored by this fit
-        sources = np.unique(g)
-        held = set(np.random.default_rng(seed).permutation(sources)[: max(1, round(holdout * len(sources)))])
-        is_held = np.array([source in held for source in g])
-        combiner = _fit(x[~is_held][:, chosen], y[~is_held], weight[~is_held], quadratic, c)
-        threshold_clean = combiner.combine_array(x[is_held & (y == 0)][:, chosen])
-    else:
-        combiner = _fit(x[:, chosen], y, weight, quadratic, c)
-        oof = out_of_fold_scores(x[:, chosen], y, g, weight, quadratic=quadratic, c=c)
-        threshold_clean = combiner.combine_array(split.clean[:, chosen]) if oof is None else oof[y == 0]
-    return Selection(chosen, combiner, best, history, cost({names[i]: configs[names[i]] for i in chosen}), threshold_clean)
+    combiner = _fit(x[:, chosen], y, weight, quadratic, c)
+    oof = out_of_fold_scores(x[:, chosen], y, g, weight, quadratic=quadratic, c=c)
+    oof_clean = combiner.combine_array(x[y == 0][:, chosen]) if oof is None else oof[y == 0]
+    held_clean = combiner.combine_array(held_x[:, chosen]) if held else None
+    return Selection(chosen, combiner, best, history, cost({names[i]: configs[names[i]] for i in chosen}),
+                     held_clean if held_clean is not None else oof_clean, oof_clean=oof_clean, held_clean=held_clean)

@@ -25,48 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import GroupKFold
 
-from detector.features import _capture_activations
-from detector.signals import LearnedSignal, SignalContext
+from detector.signals import LearnedSignal
+from detector.signals.fitting import FOLDS, cross_fit, raw_bank, signal_values
 
 from ..detection_study.run import _cached, _key
 
 LOGGER = logging.getLogger("corpus_study")
-FOLDS = 5
-
-
-def raw_bank(model: torch.nn.Module, pixels: torch.Tensor, learned: Mapping[str, LearnedSignal], batch: int) -> dict[str, torch.Tensor]:
-    """``{name: [N, ...]}`` raw parts of every learned signal (feature maps kept as float16 to bound memory)."""
-    layers = {layer for signal in learned.values() for layer in signal.layers()}
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in learned}
-    for start in range(0, len(pixels), batch):
-        chunk = pixels[start : start + batch]
-        captured, handles = _capture_activations(model, layers)
-        try:
-            with torch.no_grad():
-                logits = model(chunk)
-        finally:
-            for handle in handles:
-                handle.remove()
-        context = SignalContext(model, chunk, logits, activations=captured)
-        with torch.no_grad():
-            for name, signal in learned.items():
-                raw = signal.raw(context).float()
-                rows[name].append(raw.half() if raw.dim() > 2 else raw)
-    return {name: torch.cat(parts) if parts else torch.zeros(0) for name, parts in rows.items()}
-
-
-def _values(signal: LearnedSignal, raw: torch.Tensor, batch: int = 256) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([signal.from_raw(raw[i : i + batch].float()).double().numpy()
-                               for i in range(0, len(raw), batch)]) if len(raw) else np.zeros(0)
-
-
-def _fit(template: LearnedSignal, raw: torch.Tensor, is_clean: np.ndarray, is_seen: np.ndarray,
-         weight: np.ndarray, seed: int) -> LearnedSignal:
-    return template.fit(raw[torch.from_numpy(is_clean)].float().numpy(), raw[torch.from_numpy(is_seen)].float().numpy(),
-                        adversarial_weight=weight[is_seen], seed=seed)
+__all__ = ["FOLDS", "fit_learned", "raw_bank"]  # raw_bank and the cross-fit live in detector.signals.fitting
 
 
 def fit_learned(
@@ -82,8 +48,14 @@ def fit_learned(
     describe: Callable[[str, str | None], object],
     batch: int,
     seed: int,
+    held: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, LearnedSignal], dict[str, dict[tuple[str, str | None], np.ndarray]]]:
-    """``(fitted signals, {name: {(part, attack): out-of-fold dev values}})`` for the dev ``sets`` (see the module docstring)."""
+    """``(fitted signals, {name: {(part, attack): out-of-fold dev values}})`` for the dev ``sets`` (see the module docstring).
+
+    ``held``: dev sources kept out of every fit (the threshold's part, see
+    :func:`.analysis.select_combined`); their rows get the values of the
+    signal fitted on the other sources, i.e. of the signal that ships.
+    """
     if not templates:
         return {}, {}
     raws: dict[str, list[torch.Tensor]] = {name: [] for name in templates}
@@ -103,23 +75,20 @@ def fit_learned(
     is_clean = np.concatenate([np.full(n, attack is None) for n, (_, attack) in zip(lengths, sets)])
     is_seen = np.concatenate([np.full(n, attack in seen) for n, (_, attack) in zip(lengths, sets)])
     weight = np.concatenate([np.full(n, 1.0 / max(n, 1)) for n in lengths])
-    folds = min(FOLDS, len(np.unique(groups)))
     fitted: dict[str, LearnedSignal] = {}
     out_of_fold: dict[str, dict[tuple[str, str | None], np.ndarray]] = {}
+    fit_rows = ~np.isin(groups, list(held))
     for name, template in templates.items():
         raw = torch.cat(raws[name])
+        keep = torch.from_numpy(fit_rows)
+        result = cross_fit(template, raw[keep], groups[fit_rows], is_clean[fit_rows], is_seen[fit_rows], weight[fit_rows],
+                           seed=seed, name=name)
+        fitted[name] = result.signal
         values = np.zeros(len(groups))
-        for fold, (train, valid) in enumerate(GroupKFold(n_splits=folds).split(groups, groups=groups)):
-            mask = np.zeros(len(groups), dtype=bool)
-            mask[train] = True
-            try:
-                signal = _fit(template, raw, is_clean & mask, is_seen & mask, weight, seed + fold)
-            except (ValueError, RuntimeError) as error:  # a fold without enough clean rows or a class (smoke data)
-                LOGGER.warning("learned signal %s: fold %d fitted on all dev rows (%s)", name, fold, error)
-                signal = _fit(template, raw, is_clean, is_seen, weight, seed + fold)
-            values[valid] = _values(signal, raw[torch.from_numpy(valid)])
-        fitted[name] = _fit(template, raw, is_clean, is_seen, weight, seed)
+        values[fit_rows] = result.out_of_fold
+        values[~fit_rows] = signal_values(result.signal, raw[~keep])
         bounds = np.cumsum([0, *lengths])
         out_of_fold[name] = {s: values[bounds[i] : bounds[i + 1]] for i, s in enumerate(sets)}
-        LOGGER.info("learned signal %s fitted (%d dev rows, %d folds by source)", name, len(groups), folds)
+        LOGGER.info("learned signal %s fitted (%d dev rows, %d folds by source; %d rows of held-out sources)",
+                    name, int(fit_rows.sum()), result.folds, int((~fit_rows).sum()))
     return fitted, out_of_fold

@@ -22,6 +22,7 @@ from scipy.stats import binomtest
 
 from detector import CalibrationArtifact, map_entropies
 from detector.attacks import make_attack
+from detector.calibrate.intervals import cluster_rate
 from detector.evaluation import evaluate, threshold_at_fpr
 from detector.features import extract_maps
 from detector.models import bundled_identity, load_bundled_model
@@ -52,7 +53,9 @@ class StudySettings:
     # Where those come from: None = the study's corpus; a corpus built with --min-confidence 0 (same seed, same
     # split) adds the inputs the model is unsure of, so the combiner cannot learn "uncertain = adversarial".
     clean_corpus: str | None = "~/.cache/advsentry/corpus-any-confidence"
-    threshold_holdout: float = 0.0  # > 0: fit the combiner on the other dev sources, the threshold on these
+    # Share of dev sources held out of every fit (learned signals, selection, combiner): the threshold is
+    # taken on their clean inputs scored by the pipeline that ships. 0: out-of-fold scores of all dev sources.
+    threshold_holdout: float = 0.25
     fooling_images: int = 8
     smoke: bool = False
 
@@ -112,6 +115,14 @@ def clopper_pearson(flagged: int, total: int) -> dict[str, float]:
             "flagged": flagged, "n": total}
 
 
+def held_sources(sources: np.ndarray, share: float, seed: int) -> frozenset[str]:
+    """A seeded ``share`` of the distinct dev ``sources`` (at least one when ``share`` > 0): the threshold's part."""
+    if share <= 0:
+        return frozenset()
+    distinct = np.unique(sources)
+    return frozenset(np.random.default_rng(seed).permutation(distinct)[: max(1, round(share * len(distinct)))].tolist())
+
+
 def _data_settings(settings: StudySettings) -> dict[str, Any]:
     """The settings that decide the clean images and the adversarial sets (the caches' key); analysis-only ones are left out."""
     document = asdict(settings) | {"n_boot": None, "budget": None, "adaptive_images": None, "fooling_images": None}
@@ -169,13 +180,18 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     all_attacks = [s.name for s in suite]
     seen = [a for a in SEEN_ATTACKS if a in all_attacks] or all_attacks
 
+    # ---- the threshold's dev sources: out of every fit below ---------------------------------------
+    held = held_sources(np.concatenate([groups_of(p, None) for p in parts if p == "dev" or p.startswith(f"dev_{EXTRA}")]),
+                        settings.threshold_holdout, settings.seed)
+
     # ---- learned signals: fitted on dev (seen attacks), out-of-fold by source for the dev banks -------
     templates = {n: c for n, c in pool.items() if isinstance(c, LearnedSignal) and not c.fitted}
     template_dicts = {n: c.to_dict() for n, c in templates.items()}
     dev_sets = [("dev", None), *[(p, None) for p in parts if p.startswith(f"dev_{EXTRA}")], *[("dev", s.name) for s in suite]]
     fitted_learned, learned_dev = learned.fit_learned(
         model, templates, dev_sets, pixels_of, groups_of, seen, cache=cache, data_key=data_key,
-        describe=lambda part, attack: attack and attacks[part][attack]["describe"], batch=settings.bank_batch, seed=settings.seed)
+        describe=lambda part, attack: attack and attacks[part][attack]["describe"], batch=settings.bank_batch, seed=settings.seed,
+        held=held)
     pool.update(fitted_learned)
 
     def columns(part: str, attack: str | None) -> np.ndarray:
@@ -211,9 +227,9 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
     best_column = int(np.argmax(np.maximum(seen_mean, 1 - seen_mean)))
     best_direction = 1.0 if seen_mean[best_column] >= 0.5 else -1.0
     chosen = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=settings.budget,
-                                      holdout=settings.threshold_holdout, seed=settings.seed)
+                                      held=held, seed=settings.seed)
     unbounded = analysis.select_combined(dev, names, pool, seen, candidates.extra_forwards, budget=1e9,
-                                         holdout=settings.threshold_holdout, seed=settings.seed)
+                                         held=held, seed=settings.seed)
     LOGGER.info("chosen on dev: %s (CV mean AUC %.3f, %.1f extra forwards)", chosen.history, chosen.cv_auc, chosen.cost)
 
     first = candidates.first_study_features()
@@ -234,7 +250,8 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
                for a in all_attacks}
         for name, fn in detectors.items()
     }
-    # Thresholds from dev clean scores: out-of-fold for the detectors fitted on them (see analysis.Selection).
+    # Thresholds from dev clean scores: the held-out dev sources' for the detectors fitted on dev, scored by
+    # the pipeline that ships (see analysis.Selection); the fixed detectors use every dev clean input.
     fitted = {"chosen": chosen.threshold_clean, "unbounded_cost": unbounded.threshold_clean}
     dev_clean_scores = {name: fitted[name] if name in fitted else fn(dev.clean) for name, fn in detectors.items()}
     transfer = {}
@@ -242,7 +259,20 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         transfer[name] = {}
         for target in (0.01, 0.05):
             threshold = threshold_at_fpr(dev_clean_scores[name], target)
-            transfer[name][f"{target:g}"] = clopper_pearson(int(np.sum(fn(test.clean) > threshold)), len(test.clean)) | {"threshold": threshold}
+            flags = fn(test.clean) > threshold
+            transfer[name][f"{target:g}"] = clopper_pearson(int(np.sum(flags)), len(test.clean)) | {
+                "threshold": threshold, "by_source": cluster_rate(flags, test.clean_groups, n_boot=settings.n_boot, seed=settings.seed)}
+
+    # Dev-only check of the threshold protocol: a threshold from the fitted sources' out-of-fold scores,
+    # measured on the held dev sources (what the shipped pipeline gives on sources it never saw).
+    threshold_protocol = None
+    if chosen.held_clean is not None and chosen.oof_clean is not None:
+        threshold_protocol = {
+            "held_sources": len(held), "held_clean": int(len(chosen.held_clean)), "fit_clean": int(len(chosen.oof_clean)),
+            "out_of_fold_threshold_on_held": {
+                f"{t:g}": clopper_pearson(int(np.sum(chosen.held_clean > threshold_at_fpr(chosen.oof_clean, t))), len(chosen.held_clean))
+                for t in (0.01, 0.05)},
+        }
 
     # ---- fooling images (Nguyen et al. 2015): no clean counterpart; are they flagged? ----------
     if settings.fooling_images:
@@ -283,6 +313,7 @@ def study(out_dir: Path, cache_dir: Path, settings: StudySettings) -> dict[str, 
         },
         "test": tables,
         "threshold_transfer": transfer,
+        "threshold_protocol": threshold_protocol,
         "fooling": results_fooling,
     }
     artifact = CalibrationArtifact.create(
