@@ -24,7 +24,13 @@ from .guided import guided_responses
 from .signals import FeatureConfig, Signal, SignalContext
 
 
-def _capture_activations(model: nn.Module, layers: set[str]) -> tuple[dict[str, torch.Tensor], list]:
+def _capture_activations(model: nn.Module, layers: set[str], *, first_only: bool = False) -> tuple[dict[str, torch.Tensor], list]:
+    """``({layer: output}, hook handles)``: forward hooks that record each named layer's output (detached).
+
+    ``first_only`` keeps the output of a layer's first call (later passes, such
+    as Feature Squeezing's squeezed copies, do not overwrite it); the caller
+    removes the handles.
+    """
     modules = dict(model.named_modules())
     missing = sorted(layers - set(modules))
     if missing:
@@ -33,7 +39,7 @@ def _capture_activations(model: nn.Module, layers: set[str]) -> tuple[dict[str, 
     handles = []
     for name in layers:
         def hook(module: nn.Module, inputs: object, output: object, name: str = name) -> None:
-            if isinstance(output, torch.Tensor):
+            if isinstance(output, torch.Tensor) and not (first_only and name in captured):
                 captured[name] = output.detach()
 
         handles.append(modules[name].register_forward_hook(hook))

@@ -47,18 +47,9 @@ def capture_first(model: nn.Module, layers: set[str]) -> Iterator[dict[str, torc
     Later calls (e.g. Feature Squeezing's extra forward passes on squeezed
     copies) do not overwrite it: the captured outputs belong to the first pass.
     """
-    modules = dict(model.named_modules())
-    missing = sorted(layers - set(modules))
-    if missing:
-        raise KeyError(f"model has no module(s) named {', '.join(map(repr, missing))}")
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in layers:
-        def hook(module: nn.Module, inputs: object, output: object, name: str = name) -> None:
-            if name not in captured and isinstance(output, torch.Tensor):
-                captured[name] = output.detach()
+    from ..features import _capture_activations  # imported here: detector.features imports this package
 
-        handles.append(modules[name].register_forward_hook(hook))
+    captured, handles = _capture_activations(model, layers, first_only=True)
     try:
         yield captured
     finally:
