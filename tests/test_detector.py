@@ -20,6 +20,7 @@ from detector import (
     average_local_spatial_entropy,
 )
 from detector.models import bundled_identity
+from detector.signals import LearnedSignal
 
 MODEL = ModelIdentity("toy", "ab" * 32)
 
@@ -241,9 +242,26 @@ def test_shipped_detectors_by_name():
     previous = Detector.named("entropy-9photo")
     assert len(previous.features) == 5 and all(isinstance(c, ScoreConfig) for c in previous.features.values())
     assert previous.threshold is not None
+    fixed = Detector.named("fixed-signals")  # the default before the learned signals: none of its signals is fitted
+    assert fixed.threshold is not None and fixed.calibration_id != default.calibration_id
+    assert not any(isinstance(c, LearnedSignal) for c in fixed.features.values())
+    assert any(isinstance(c, LearnedSignal) for c in default.features.values())
     paper = Detector.named("paper")
     assert list(paper.features.values()) == [ScoreConfig()] and paper.threshold is None
     assert resolve_artifact("entropy-9photo") == NAMED_ARTIFACTS["entropy-9photo"]
     assert str(resolve_artifact("some/cal.json")) == "some/cal.json"
     with pytest.raises(KeyError, match="shipped"):
         Detector.named("nope")
+
+
+def test_export_model_takes_a_shipped_detectors_name(tmp_path):
+    """``export-model --calibration NAME`` serves that detector's signals (the name its calibration looks for)."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    result = CliRunner().invoke(app, ["export-model", "--out", str(tmp_path), "--calibration", "fixed-signals"])
+    assert result.exit_code == 0, result.output
+    config = (tmp_path / "efficientnet-lite0" / "config.pbtxt").read_text()
+    assert Detector.named("fixed-signals").entropy_output in config
+    assert Detector.default().entropy_output not in config

@@ -63,7 +63,7 @@ class RunStats:
 
 
 def detector_config(spec: str) -> tuple[dict[str, FeatureConfig], Combiner]:
-    """Signals and combiner of a shipped detector (``default``, ``entropy-9photo``, ``paper``) or an artifact file."""
+    """Signals and combiner of a shipped detector (``default``, ``fixed-signals``, ``entropy-9photo``, ``paper``) or an artifact file."""
     if spec == "paper":
         return {FEATURE_RESPONSE: PAPER_CONFIG}, SingleMap()
     artifact = CalibrationArtifact.load(resolve_artifact(spec))

@@ -103,7 +103,7 @@ def run(
     holdout: Annotated[float, typer.Option(help="Fraction of sources (photos/files) held out to measure the FPR.")] = 0.5,
     attack: Annotated[Optional[list[str]], typer.Option("--attack", help="NAME[:key=value,...] (repeatable); keys: the attack's params, as=, targeted=, transfer=, limit=.")] = None,
     quantize: Annotated[bool, typer.Option("--quantize/--no-quantize", help="Adversarials on the 8-bit grid.")] = True,
-    detector: Annotated[str, typer.Option(help="Detector signals/combiner: default (the corpus study's choice), entropy-9photo (the previous default), paper, or an artifact FILE.")] = "default",
+    detector: Annotated[str, typer.Option(help="Detector signals/combiner: default (the corpus study's choice), fixed-signals (its choice without learned signals), entropy-9photo (the 9-photo study's), paper, or an artifact FILE.")] = "default",
     refit_combiner: Annotated[bool, typer.Option("--refit-combiner", help="Fit a logistic combiner over the maps on the fit split.")] = False,
     refit_signals: Annotated[bool, typer.Option("--refit-signals", help="Also refit the learned signals (lid, fourier, head) on the fit split, out of fold by source; implies --refit-combiner; needs a local model.")] = False,
     target_fpr: Annotated[Optional[list[float]], typer.Option("--target-fpr", help="Target FPR (repeatable; the first is put in force).")] = None,
@@ -205,7 +205,7 @@ def verify(
     artifact: Annotated[Path, typer.Argument(help="Calibration artifact (JSON).")],
     model: Annotated[Optional[str], typer.Option(help="Also check it fits this model: bundled | FILE | pkg.module:factory.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory model.")] = None,
-    detector: Annotated[Optional[str], typer.Option(help="Also check it fits this detector: default | entropy-9photo | paper | artifact FILE.")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="Also check it fits this detector: default | fixed-signals | entropy-9photo | paper | artifact FILE.")] = None,
 ) -> None:
     """Check an artifact as the sidecar does (schema, checksum, model and detector match). Exit 4 if refused."""
     from detector.calibration import CalibrationArtifact, CalibrationError

@@ -21,9 +21,10 @@ def export_model(
     torchscript: Annotated[Optional[Path], typer.Option(
         help="A TorchScript file: refused with the reason (guided backprop needs the eager module); "
              "use --factory/--weights.", show_default=False)] = None,
-    calibration: Annotated[Optional[Path], typer.Option(
-        help="Calibration artifact whose feature maps the model must return (default: the study's default detector "
-             "for the bundled model, the model-agnostic guided-backprop map for --factory models).",
+    calibration: Annotated[Optional[str], typer.Option(
+        help="Calibration artifact (FILE, or a shipped detector's name: default, fixed-signals, entropy-9photo) whose "
+             "signals the model must return (default: the study's default detector for the bundled model, the "
+             "model-agnostic guided-backprop map for --factory models).",
         show_default=False)] = None,
     image_size: Annotated[int, typer.Option(min=32, help="Input height and width.")] = 224,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Triton max_batch_size.")] = 8,
@@ -33,6 +34,7 @@ def export_model(
     """Write OUT/NAME/config.pbtxt and OUT/NAME/1/model.py (Python backend) with outputs logits + feature maps."""
     from detector import DEFAULT_FEATURES, GENERIC_FEATURES, CalibrationError
     from detector.calibration import CalibrationArtifact
+    from detector.detector import resolve_artifact
     from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
     from service.triton.export import ExportError, ModelSource, export_model_repository
 
@@ -48,7 +50,7 @@ def export_model(
     features = DEFAULT_FEATURES if factory is None else GENERIC_FEATURES
     if calibration is not None:
         try:
-            features = CalibrationArtifact.load(calibration).features
+            features = CalibrationArtifact.load(resolve_artifact(calibration)).features
         except CalibrationError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(EXIT_CALIBRATION_ERROR) from None

@@ -20,7 +20,7 @@ def score(
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files (any format PIL reads).", show_default=False)] = None,
     bundled: Annotated[bool, typer.Option("--bundled", help="Score the sample photos that ship inside installed packages.")] = False,
     calibration: Annotated[Optional[str], typer.Option(
-        help="Calibration artifact (JSON) or a shipped detector's name (default, entropy-9photo); "
+        help="Calibration artifact (JSON) or a shipped detector's name (default, fixed-signals, entropy-9photo); "
              "the artifact configures the signals, combiner and threshold.")] = None,
     save_maps: Annotated[Optional[Path], typer.Option(help="Write input | feature response | local entropy PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image instead of text.")] = False,
