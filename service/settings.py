@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     upstream: str | None = Field(
         default=None, description="Triton gRPC HOST:PORT to front; unset: start an embedded Triton."
     )
-    calibration: Path | None = Field(default=None, description="Calibration artifact (JSON) for protected models.")
+    calibration: Path | None = Field(default=None, description="Calibration artifact (JSON) for protected models, "
+                                     "or a shipped detector's name (default, fixed-signals, entropy-9photo): with the "
+                                     "embedded Triton, the model serves that detector's signals.")
     calibration_poll_s: float = Field(
         default=2.0, gt=0, description="How often the calibration file is checked for changes (hot reload)."
     )

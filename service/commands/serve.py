@@ -16,7 +16,7 @@ import logging
 import signal
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -177,6 +177,7 @@ def serve(
             if flags.get(key) is None:
                 flags[key] = value
         settings = load_settings(config, **flags)
+        settings = _named_calibration(settings)
         if settings.upstream is None and settings.upstream_tls:
             raise ValueError("upstream_tls needs --upstream: the embedded Triton listens on loopback without TLS")
     except (ValidationError, ValueError) as error:
@@ -191,6 +192,7 @@ def serve(
     identity = {}
     try:
         if settings.upstream is None:
+            from detector.calibration import CalibrationArtifact
             from detector.models import BUNDLED_MODEL_NAME, bundled_identity
             from service.triton.export import export_model_repository
             from service.triton.server import TritonServer
@@ -200,7 +202,9 @@ def serve(
             if repository is None:
                 workdir = tempfile.TemporaryDirectory(prefix="advsentry-repo-")
                 repository = Path(workdir.name)
-                export_model_repository(repository, max_batch_size=settings.embedded_max_batch_size)
+                # the model serves the signals of the calibration in force (the default's unless one is given)
+                features = CalibrationArtifact.load(settings.calibration).features if settings.calibration else None
+                export_model_repository(repository, max_batch_size=settings.embedded_max_batch_size, features=features)
                 identity = {BUNDLED_MODEL_NAME: bundled_identity()}
                 if settings.calibration is None and not any(m.calibration for m in settings.models.values()):
                     # The bundled model ships with the detection study's threshold (5% FPR).
@@ -220,6 +224,15 @@ def serve(
     finally:
         if triton is not None:
             triton.stop()
+
+
+def _named_calibration(settings: Any) -> Any:
+    """``--calibration NAME`` for a shipped detector (``default``, ``fixed-signals``, ``entropy-9photo``) → its artifact."""
+    from detector.detector import NAMED_ARTIFACTS
+
+    if settings.calibration is not None and not Path(settings.calibration).exists() and str(settings.calibration) in NAMED_ARTIFACTS:
+        return settings.model_copy(update={"calibration": NAMED_ARTIFACTS[str(settings.calibration)]})
+    return settings
 
 
 def register(app: typer.Typer) -> None:
