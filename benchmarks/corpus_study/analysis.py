@@ -87,7 +87,7 @@ class Selection:
     which pushes *their* scores down; a threshold taken from them lands too low
     for unseen images (measured: 11 % realized FPR at a 5 % target). Either the
     out-of-fold scores (folds that did not see the image's source) or, with
-    ``held``, the scores of held-out dev sources under the signals and combiner
+    ``roles``, the scores of held-out dev inputs under the signals and combiner
     fitted on the others (what ``advsentry calibrate`` does), still on dev only.
     """
 
@@ -97,7 +97,7 @@ class Selection:
     history: list[tuple[str, float]]
     cost: float
     threshold_clean: np.ndarray
-    #: the fitted sources' out-of-fold clean scores, and (with ``held``) the held sources' clean scores
+    #: the fitted rows' out-of-fold clean scores, and (with ``roles``) the held rows' clean scores
     oof_clean: np.ndarray | None = None
     held_clean: np.ndarray | None = None
 
@@ -116,21 +116,23 @@ def select_combined(
     max_features: int = 8,
     quadratic: bool = True,
     c: float = 1.0,
-    held: frozenset[str] = frozenset(),
-    seed: int = 0,
+    roles: Split | None = None,
 ) -> Selection:
     """Greedy forward selection within ``budget`` extra forward passes (see module docstring).
 
-    ``held`` (dev sources): selection and fit use the other sources only, the
-    threshold comes from the held sources' clean inputs scored by that fit.
-    The learned signals must have been fitted without them too
-    (:func:`.learned.fit_learned`), so the held scores are those of the
-    pipeline that ships, on sources it never saw.
+    ``roles``: ``split`` with each row's role in place of its group
+    (``"fit"``, ``"held"``, ``"out"``; see :func:`.run.dev_roles`). Selection
+    and fit use the ``"fit"`` rows only; the threshold comes from the
+    ``"held"`` clean inputs scored by that fit. The learned signals must have
+    been fitted on the same rows (:func:`.learned.fit_learned`), so the held
+    scores are those of the pipeline that ships, on originals it never saw.
     """
     x, y, g, which, weight = _design(split, attacks)
-    is_held = np.isin(g, list(held))
-    held_x = x[is_held & (y == 0)]  # the threshold's clean inputs; every fit below leaves the held sources out
-    x, y, g, which, weight = x[~is_held], y[~is_held], g[~is_held], which[~is_held], weight[~is_held]
+    role = _design(roles, attacks)[2] if roles is not None else np.full(len(y), "fit")
+    held = bool(np.any(role == "held"))
+    held_x = x[(role == "held") & (y == 0)]  # the threshold's clean inputs; every fit below leaves them out
+    fit = role == "fit"
+    x, y, g, which, weight = x[fit], y[fit], g[fit], which[fit], weight[fit]
     chosen, best, history = greedy_forward(
         range(len(names)), names, max_features,
         allowed=lambda columns: cost({names[i]: configs[names[i]] for i in columns}) <= budget,

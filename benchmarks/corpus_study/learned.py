@@ -48,13 +48,14 @@ def fit_learned(
     describe: Callable[[str, str | None], object],
     batch: int,
     seed: int,
-    held: frozenset[str] = frozenset(),
+    role_of: Callable[[str, str | None], np.ndarray] | None = None,
 ) -> tuple[dict[str, LearnedSignal], dict[str, dict[tuple[str, str | None], np.ndarray]]]:
     """``(fitted signals, {name: {(part, attack): out-of-fold dev values}})`` for the dev ``sets`` (see the module docstring).
 
-    ``held``: dev sources kept out of every fit (the threshold's part, see
-    :func:`.analysis.select_combined`); their rows get the values of the
-    signal fitted on the other sources, i.e. of the signal that ships.
+    ``role_of``: each row's role, ``"fit"``, ``"held"`` (the threshold's part,
+    see :func:`.analysis.select_combined`) or ``"out"`` (shares an original
+    with both); only ``"fit"`` rows are fitted on, the others get the values
+    of the signal fitted on them, i.e. of the signal that ships.
     """
     if not templates:
         return {}, {}
@@ -77,7 +78,7 @@ def fit_learned(
     weight = np.concatenate([np.full(n, 1.0 / max(n, 1)) for n in lengths])
     fitted: dict[str, LearnedSignal] = {}
     out_of_fold: dict[str, dict[tuple[str, str | None], np.ndarray]] = {}
-    fit_rows = ~np.isin(groups, list(held))
+    fit_rows = (np.concatenate([role_of(part, attack) for part, attack in sets]) == "fit") if role_of else np.ones(len(groups), bool)
     for name, template in templates.items():
         raw = torch.cat(raws[name])
         keep = torch.from_numpy(fit_rows)
@@ -89,6 +90,6 @@ def fit_learned(
         values[~fit_rows] = signal_values(result.signal, raw[~keep])
         bounds = np.cumsum([0, *lengths])
         out_of_fold[name] = {s: values[bounds[i] : bounds[i + 1]] for i, s in enumerate(sets)}
-        LOGGER.info("learned signal %s fitted (%d dev rows, %d folds by source; %d rows of held-out sources)",
+        LOGGER.info("learned signal %s fitted (%d dev rows, %d folds by source; %d rows not fitted on)",
                     name, int(fit_rows.sum()), result.folds, int((~fit_rows).sum()))
     return fitted, out_of_fold

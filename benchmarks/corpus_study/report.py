@@ -77,8 +77,11 @@ def markdown(results: dict[str, Any]) -> str:
     protocol = results.get("threshold_protocol")
     if protocol:
         o = protocol["out_of_fold_threshold_on_held"]
-        lines += [f"The fitted detectors' thresholds come from {protocol['held_clean']} clean inputs of {protocol['held_sources']} dev "
-                  "sources held out of every fit (learned signals, selection, combiner), scored by the pipeline that ships. "
+        rows = protocol.get("clean_rows")
+        excluded = f" ({rows['out']} clean dev inputs that mix held and fitted originals are used for nothing)" if rows else ""
+        lines += [f"The fitted detectors' thresholds come from {protocol['held_clean']} clean dev inputs of {protocol['held_sources']} "
+                  "sources made only from originals (photos, backgrounds, cut-outs) held out of every fit (learned signals, "
+                  f"selection, combiner), scored by the pipeline that ships{excluded}. "
                   f"Dev-only check of the other protocol: a threshold from the other dev sources' out-of-fold scores "
                   f"({protocol['fit_clean']} clean inputs) flags {_cell(o['0.01'])} of the held sources' clean inputs at a 1 % "
                   f"target and {_cell(o['0.05'])} at 5 %.", ""]
