@@ -111,6 +111,25 @@ def test_detection_study_smoke(tmp_path):
     assert again["dev_selection"] == results["dev_selection"]
 
 
+def test_threshold_inputs_share_no_original_with_fitted_ones():
+    """The corpus study's threshold protocol: an input is held only if every original it was made from is held."""
+    import numpy as np
+
+    from benchmarks.corpus_study.run import dev_roles
+
+    # 40 photos (one original each) and 60 composites of 20 cut-outs on 10 shared backgrounds
+    rng = np.random.default_rng(1)
+    originals = [frozenset([f"photo{i}"]) for i in range(40)]
+    originals += [frozenset([f"cutout{i % 20}", f"background{rng.integers(10)}"]) for i in range(60)]
+    roles = dev_roles(originals, 0.25, seed=0)
+    held = set().union(*(o for o, r in zip(originals, roles) if r == "held"))
+    fitted = set().union(*(o for o, r in zip(originals, roles) if r == "fit"))
+    assert held and fitted and not held & fitted  # no background, cut-out or photo on both sides
+    assert {"held", "fit", "out"} <= set(roles)  # composites mixing both sides are used for nothing
+    assert (dev_roles(originals, 0.0, seed=0) == "fit").all()
+    assert (dev_roles(originals, 0.25, seed=0) == roles).all()  # seeded
+
+
 @pytest.mark.slow
 def test_corpus_study_smoke(tmp_path):
     """The corpus study's pipeline on bundled crops: attacks, signal banks, selection, tables, transfer, fooling, adaptive."""
