@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0"
@@ -81,6 +81,22 @@ class ProbingPolicy(str, Enum):  # --- probing (issue 12) ---
     reject = "reject"  # PERMISSION_DENIED for probing_cooldown_s
 
 
+def _shipped_or_path(value: Any) -> Any:
+    """A shipped detector's name (``default``, ``fixed-signals``, ``entropy-9photo``) → its artifact; else the path.
+
+    An existing file of that name wins. The detector package (torch) is imported only for a name to resolve.
+    """
+    if isinstance(value, (str, Path)) and str(value) and "/" not in str(value) and not Path(value).exists():
+        from detector.detector import NAMED_ARTIFACTS
+
+        return NAMED_ARTIFACTS.get(str(value), value)
+    return value
+
+
+#: A calibration artifact's path, or a shipped detector's name (see :func:`_shipped_or_path`).
+CalibrationPath = Annotated[Path, BeforeValidator(_shipped_or_path)]
+
+
 class ModelProtection(BaseModel):
     """Per-model configuration: which outputs carry the feature maps, which policy and calibration."""
 
@@ -88,7 +104,8 @@ class ModelProtection(BaseModel):
         default=None, description="Triton outputs holding the feature maps; default: the detector's maps."
     )
     policy: Policy | None = Field(default=None, description="Overrides the global policy for this model.")
-    calibration: Path | None = Field(default=None, description="Calibration artifact for this model.")
+    calibration: CalibrationPath | None = Field(default=None, description="Calibration artifact for this model, or a "
+                                                "shipped detector's name.")
     disclosure: Disclosure | None = Field(  # issue 13
         default=None, description="Overrides the global disclosure for this model."
     )
@@ -106,7 +123,7 @@ class Settings(BaseSettings):
     upstream: str | None = Field(
         default=None, description="Triton gRPC HOST:PORT to front; unset: start an embedded Triton."
     )
-    calibration: Path | None = Field(default=None, description="Calibration artifact (JSON) for protected models, "
+    calibration: CalibrationPath | None = Field(default=None, description="Calibration artifact (JSON) for protected models, "
                                      "or a shipped detector's name (default, fixed-signals, entropy-9photo): with the "
                                      "embedded Triton, the model serves that detector's signals.")
     calibration_poll_s: float = Field(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import typer
 
@@ -33,6 +35,16 @@ def test_set_goes_through_the_cli_and_bad_values_exit_2():
     result = CliRunner().invoke(app, ["serve", "--set", "max_in_flight=-5"])
     assert result.exit_code == 2
     assert "max_in_flight" in result.output
+
+
+def test_calibration_settings_take_a_shipped_detectors_name():
+    from detector.detector import NAMED_ARTIFACTS
+    from service.settings import ModelProtection
+
+    assert load_settings(None, calibration="fixed-signals").calibration == NAMED_ARTIFACTS["fixed-signals"]
+    assert ModelProtection(calibration="default").calibration == NAMED_ARTIFACTS["default"]  # per model too
+    assert load_settings(None, calibration=Path("fixed-signals")).calibration == NAMED_ARTIFACTS["fixed-signals"]  # as the CLI passes it
+    assert str(load_settings(None, calibration="some/cal.json").calibration) == "some/cal.json"
 
 
 def _free_port() -> int:

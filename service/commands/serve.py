@@ -16,7 +16,7 @@ import logging
 import signal
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -177,7 +177,6 @@ def serve(
             if flags.get(key) is None:
                 flags[key] = value
         settings = load_settings(config, **flags)
-        settings = _named_calibration(settings)
         if settings.upstream is None and settings.upstream_tls:
             raise ValueError("upstream_tls needs --upstream: the embedded Triton listens on loopback without TLS")
     except (ValidationError, ValueError) as error:
@@ -224,15 +223,6 @@ def serve(
     finally:
         if triton is not None:
             triton.stop()
-
-
-def _named_calibration(settings: Any) -> Any:
-    """``--calibration NAME`` for a shipped detector (``default``, ``fixed-signals``, ``entropy-9photo``) → its artifact."""
-    from detector.detector import NAMED_ARTIFACTS
-
-    if settings.calibration is not None and not Path(settings.calibration).exists() and str(settings.calibration) in NAMED_ARTIFACTS:
-        return settings.model_copy(update={"calibration": NAMED_ARTIFACTS[str(settings.calibration)]})
-    return settings
 
 
 def register(app: typer.Typer) -> None:
