@@ -28,6 +28,19 @@ def export_bundled(out: Path) -> Path:
     return out
 
 
+def export_small_cnn(out: Path, name: str = "small") -> Path:
+    """The small test CNN (``calibrate_models:target_cnn``, 32×32) with the paper's map, as model ``name`` in ``out``.
+
+    Triton needs ``ADVSENTRY_PYTHONPATH`` set to the tests folder to import it.
+    """
+    from detector import FEATURE_RESPONSE, PAPER_CONFIG
+    from service.triton.export import ModelSource, export_model_repository
+
+    export_model_repository(out, model_name=name, source=ModelSource("factory", "calibrate_models:target_cnn"),
+                            features={FEATURE_RESPONSE: PAPER_CONFIG}, image_size=32, max_batch_size=8)
+    return out
+
+
 class LoopThread:
     """An asyncio loop in a daemon thread; ``run(coro)`` blocks for its result."""
 

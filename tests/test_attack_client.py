@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_triton import RunningSidecar, make_settings, wait_for
+from e2e_triton import RunningSidecar, export_small_cnn, make_settings, wait_for
 from service.observe import RequestHook
 
 
@@ -42,13 +42,9 @@ SMALL = "small"
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from detector import FEATURE_RESPONSE, PAPER_CONFIG
-    from service.triton.export import ModelSource, export_model_repository
     from service.triton.server import TritonServer
 
-    repo = tmp_path_factory.mktemp("repo")
-    export_model_repository(repo, model_name=SMALL, source=ModelSource("factory", "calibrate_models:target_cnn"),
-                            features={FEATURE_RESPONSE: PAPER_CONFIG}, image_size=32, max_batch_size=8)
+    repo = export_small_cnn(tmp_path_factory.mktemp("repo"), SMALL)
     server = TritonServer(repo, env={"ADVSENTRY_PYTHONPATH": str(TESTS_DIR)})
     server.start()
     yield server

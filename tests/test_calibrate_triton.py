@@ -19,7 +19,7 @@ from detector import FEATURE_RESPONSE, PAPER_CONFIG, CalibrationArtifact, Calibr
 from detector.calibrate import AttackSpec, CalibrationJob, JobConfig
 from detector.calibrate.report import markdown_table, write_report
 from detector.models import bundled_identity, state_dict_sha256
-from e2e_triton import MODEL, RunningSidecar, export_bundled, infer_input, make_settings, outputs, photo_pixels, wait_for
+from e2e_triton import MODEL, RunningSidecar, export_bundled, export_small_cnn, infer_input, make_settings, outputs, photo_pixels, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,9 @@ PROBING = ("square:eps=0.0157,n_queries=30", "hopskipjump:max_iter=1,max_eval=20
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from service.triton.export import ModelSource, export_model_repository
     from service.triton.server import TritonServer
 
-    repo = export_bundled(tmp_path_factory.mktemp("repo"))
-    export_model_repository(repo, model_name="small", source=ModelSource("factory", "calibrate_models:target_cnn"),
-                            features={FEATURE_RESPONSE: PAPER_CONFIG}, image_size=32, max_batch_size=8)
+    repo = export_small_cnn(export_bundled(tmp_path_factory.mktemp("repo")), "small")
     server = TritonServer(repo, env={"ADVSENTRY_PYTHONPATH": str(TESTS_DIR)})
     server.start()
     yield server
