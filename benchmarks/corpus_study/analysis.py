@@ -96,10 +96,14 @@ class Selection:
     cv_auc: float
     history: list[tuple[str, float]]
     cost: float
-    threshold_clean: np.ndarray
     #: the fitted rows' out-of-fold clean scores, and (with ``roles``) the held rows' clean scores
-    oof_clean: np.ndarray | None = None
+    oof_clean: np.ndarray
     held_clean: np.ndarray | None = None
+
+    @property
+    def threshold_clean(self) -> np.ndarray:
+        """The clean scores the threshold is fitted on: the held rows' when there are any."""
+        return self.held_clean if self.held_clean is not None else self.oof_clean
 
     def score(self, bank: np.ndarray) -> np.ndarray:
         return self.combiner.combine_array(bank[:, self.columns])
@@ -142,5 +146,4 @@ def select_combined(
     oof = out_of_fold_scores(x[:, chosen], y, g, weight, quadratic=quadratic, c=c)
     oof_clean = combiner.combine_array(x[y == 0][:, chosen]) if oof is None else oof[y == 0]
     held_clean = combiner.combine_array(held_x[:, chosen]) if held else None
-    return Selection(chosen, combiner, best, history, cost({names[i]: configs[names[i]] for i in chosen}),
-                     held_clean if held_clean is not None else oof_clean, oof_clean=oof_clean, held_clean=held_clean)
+    return Selection(chosen, combiner, best, history, cost({names[i]: configs[names[i]] for i in chosen}), oof_clean, held_clean)
