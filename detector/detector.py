@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,11 @@ DEFAULT_COMBINER: Combiner = DEFAULT_ARTIFACT.combiner
 GENERIC_FEATURES: dict[str, ScoreConfig] = {FEATURE_RESPONSE: PAPER_CONFIG}
 
 
-#: Detectors shipped by name (``Detector.named``, ``advsentry score --calibration NAME``,
-#: ``advsentry calibrate run --detector NAME``): the product default; the first
-#: study's five entropies (9 photos, the default before the corpus study); and
-#: ``paper``, the paper's single map (no shipped threshold: calibrate it).
+#: Detectors shipped by name: the product default; the first study's five
+#: entropies (9 photos, the default before the corpus study); the corpus
+#: study's choice before the learned signals; and ``paper`` (below), the
+#: paper's single map, which has no artifact because it has no shipped
+#: threshold (calibrate it).
 NAMED_ARTIFACTS: dict[str, Path] = {
     "default": DEFAULT_ARTIFACT_PATH,
     "entropy-9photo": DEFAULT_ARTIFACT_PATH.with_name("entropy_9photo_detector.json"),
@@ -59,11 +61,73 @@ NAMED_ARTIFACTS: dict[str, Path] = {
     # (nothing fitted inside a signal, so it carries over to new content more easily; test AUC 0.71-0.98)
     "fixed-signals": DEFAULT_ARTIFACT_PATH.with_name("fixed_signals_detector.json"),
 }
+PAPER = "paper"
+#: Every shipped detector's name, as every entry point accepts it.
+SHIPPED_DETECTORS: tuple[str, ...] = (*NAMED_ARTIFACTS, PAPER)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What a detector name or artifact file resolves to: signals, combiner and (when calibrated) the artifact."""
+
+    name: str  # the shipped name, or the artifact's path as given
+    features: dict[str, FeatureConfig]
+    combiner: Combiner
+    artifact: CalibrationArtifact | None  # None: uncalibrated (``paper``), no threshold
+    path: Path | None  # the artifact's file (what hot reload watches); None for ``paper``
+
+
+def _shipped_name(spec: str | Path) -> str | None:
+    """``spec`` as a shipped name, or None. An existing file of that name wins (it is what the user pointed at)."""
+    text = str(spec)
+    if text in SHIPPED_DETECTORS and not Path(text).is_file():
+        return text
+    return None
+
+
+def artifact_location(spec: str | Path) -> Path:
+    """Where ``spec``'s artifact lives: a shipped name's file, else the path itself (``paper`` stays ``paper``).
+
+    Cheap (no file is read): settings validation uses it, so a shipped name
+    in a flag, an environment variable or a YAML file means the same file.
+    """
+    name = _shipped_name(spec)
+    return NAMED_ARTIFACTS[name] if name in NAMED_ARTIFACTS else Path(spec)
+
+
+def resolve_detector(spec: str | Path) -> DetectorSpec:
+    """The one resolver of detector names for every entry point (serve, score, explain, export-model, calibrate).
+
+    A shipped name (:data:`SHIPPED_DETECTORS`) or an artifact file. Raises
+    :class:`CalibrationError` for a missing or invalid file, naming the
+    shipped detectors, so every command fails the same way.
+    """
+    name = _shipped_name(spec)
+    if name == PAPER:
+        return DetectorSpec(PAPER, dict(GENERIC_FEATURES), SingleMap(), None, None)
+    path = artifact_location(spec)
+    if name is None and not path.is_file():
+        raise CalibrationError(f"{spec}: no such file, and not a shipped detector ({', '.join(SHIPPED_DETECTORS)})")
+    artifact = CalibrationArtifact.load(path)
+    return DetectorSpec(name or str(spec), dict(artifact.features), artifact.combiner, artifact, path)
 
 
 def resolve_artifact(spec: str | Path) -> Path:
-    """A shipped detector's name, or an artifact path."""
-    return NAMED_ARTIFACTS.get(str(spec), Path(spec))
+    """A shipped detector's artifact file, or an artifact path (kept for callers that only need the file)."""
+    return artifact_location(spec)
+
+
+def exceeds(scores: np.ndarray | torch.Tensor, threshold: float | None) -> np.ndarray | torch.Tensor:
+    """The one threshold comparison: ``True`` (adversarial) where a score is *above* the threshold.
+
+    Every verdict (sidecar, DetectorService, CLI, calibration) goes through
+    here, so a score equal to the threshold is clean everywhere. With no
+    threshold nothing is flagged.
+    """
+    if threshold is None:
+        return torch.zeros_like(scores, dtype=torch.bool) if isinstance(scores, torch.Tensor) else \
+            np.zeros(np.shape(scores), dtype=bool)
+    return scores > threshold
 
 
 #: Prefix of the Triton output that carries per-map entropies computed inside Triton.
@@ -150,12 +214,30 @@ class Detector:
     @classmethod
     def named(cls, name: str, device: str | torch.device = "cpu", *, load_model: bool = False) -> "Detector":
         """A shipped detector on the bundled model: ``default``, ``fixed-signals``, ``entropy-9photo`` or ``paper`` (no threshold)."""
+        if name not in SHIPPED_DETECTORS:
+            raise KeyError(f"unknown detector {name!r}; shipped: {', '.join(SHIPPED_DETECTORS)}")
         model = load_bundled_model(device) if load_model else None
-        if name == "paper":
-            return cls(GENERIC_FEATURES, model=model, model_identity=bundled_identity(), device=device)
-        if name not in NAMED_ARTIFACTS:
-            raise KeyError(f"unknown detector {name!r}; shipped: {', '.join([*NAMED_ARTIFACTS, 'paper'])}")
-        return cls.from_artifact(NAMED_ARTIFACTS[name], model=model, model_identity=bundled_identity(), device=device)
+        return cls.from_spec(name, model=model, model_identity=bundled_identity(), device=device)
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: "str | Path | DetectorSpec",
+        *,
+        model: nn.Module | None = None,
+        model_identity: ModelIdentity | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "Detector":
+        """A detector from a shipped name or an artifact file (see :func:`resolve_detector`).
+
+        With ``model_identity`` given, an artifact fitted on other weights is refused.
+        """
+        resolved = spec if isinstance(spec, DetectorSpec) else resolve_detector(spec)
+        detector = cls(resolved.features, combiner=resolved.combiner, model=model, model_identity=model_identity,
+                       device=device)
+        if resolved.artifact is not None:
+            detector.apply_calibration(resolved.artifact, source=resolved.name)
+        return detector
 
     @classmethod
     def from_artifact(
@@ -246,4 +328,4 @@ class Detector:
         threshold = self.threshold if threshold is None else threshold
         if threshold is None:
             raise CalibrationError("no threshold: load a calibration artifact or pass threshold=")
-        return scores > threshold
+        return exceeds(scores, threshold)

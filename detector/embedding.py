@@ -1,6 +1,6 @@
 """The probing embedding: a few dozen floats per input that make near-duplicate queries close.
 
-Stateful probing detection (Chen, Carlini & Wagner 2020; ``service/probing.py``)
+Stateful probing detection (Chen, Carlini & Wagner 2020; ``service/hooks/probing.py``)
 keeps, per client, the embeddings of its recent queries and flags a client whose
 new query sits too close to its previous ones. The embedding is computed inside
 the exported Triton model (``advsentry_embedding``, ``[B, D]`` FP32), in the

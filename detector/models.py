@@ -77,7 +77,10 @@ def state_dict_sha256(module: nn.Module) -> str:
     """Hash of a module's parameters and buffers (names, shapes, dtypes, bytes).
 
     Used for models that do not come from a single weights file (a user's
-    ``nn.Module``); stable across processes and devices.
+    ``nn.Module``); stable across processes and devices. Every dtype and shape
+    hashes, 0-dim buffers included (BatchNorm's ``num_batches_tracked``: a
+    0-dim int64 cannot be viewed as bytes directly, so it is flattened first;
+    flattening a contiguous tensor keeps its bytes, so other hashes are unchanged).
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -85,7 +88,7 @@ def state_dict_sha256(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(str(tuple(t.shape)).encode())
         digest.update(str(t.dtype).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -88,7 +88,11 @@ def test_artifact_has_threshold_results_and_loads_into_the_detector(single):
     points = document["results"]["operating_points"]
     assert [p["target_fpr"] for p in points] == [0.1, 0.05] and points[0]["threshold"] == document["threshold"]
     assert all(0.0 <= p["held_out_fpr"] <= 1.0 and p["held_out_clean"] == document["data"]["clean_held_out"] for p in points)
-    assert document["data"]["selected"] == document["data"]["clean_fit"] + document["data"]["clean_held_out"] == 20
+    data = document["data"]
+    assert data["selected"] == data["clean_fit"] + data["clean_threshold"] + data["clean_held_out"] + data["clean_mixed"] == 20
+    # nothing refitted: the threshold is set on the fit and threshold splits together, never on held-out images
+    assert all(p["threshold_set_on"] == {"splits": ["fit", "threshold"], "clean": data["clean_fit"] + data["clean_threshold"],
+                                         "sources": 5} for p in points)
     assert len(document["data"]["source_files_sha256"]) == 10 and document["data"]["sources_sha256"]
     for key in ("scipy", "torchattacks", "adversarial-robustness-toolbox", "torch"):
         assert key in document["versions"]

@@ -79,8 +79,13 @@ def test_refitted_artifact_carries_new_signal_parameters_and_scores(tiny_detecto
     assert loaded.results["signals"] == "refitted on the fit split, out-of-fold by source"
     fits = loaded.results["signal_fits"]
     assert set(fits) == set(LEARNED)
-    assert all(f["folds"] == 5 and f["sources"] == 5 and f["folds_not_out_of_fold"] == [] for f in fits.values())
+    fit_sources = loaded.data["sample_size"]["sources_fit"]  # 10 photos: 5 held out, 2 set the threshold, 3 fit
+    assert fit_sources == 3
+    assert all(f["folds"] == fit_sources and f["sources"] == fit_sources and f["folds_not_out_of_fold"] == []
+               for f in fits.values())
+    # fitted on the fit split only: never on the rows that set the threshold or measure the FPR
     assert fits["lid"]["clean_rows"] == loaded.data["clean_fit"] and fits["lid"]["adversarial_rows"] > 0
+    assert loaded.results["operating_points"][0]["threshold_set_on"]["splits"] == ["threshold"]
     assert loaded.results["combiner"] == "refitted on the fit split" and loaded.job["refit_signals"] is True
     # the refitted LID's reference set is drawn from the fit split's clean rows (pooled features.3, 8 channels)
     assert loaded.features["lid"].reference_array.shape == (fits["lid"]["clean_rows"], 8)
@@ -94,20 +99,26 @@ def test_refitted_artifact_carries_new_signal_parameters_and_scores(tiny_detecto
 
 
 def test_held_out_values_come_from_the_shipped_signal_and_fit_values_are_out_of_fold(tiny_detector, refitted):
-    """Held-out clean rows score as the artifact scores them; fit rows carry values no signal fitted on their source gave."""
+    """Threshold and held-out clean rows score as the artifact scores them; fit rows carry out-of-fold values."""
     root, artifact = refitted
     job = CalibrationJob(config(tiny_detector), root / "work", progress=False)
     _, result, banks = job.finalize()
     plan = job.plan
     model, identity = load_model(MODEL)
     detector = Detector.from_artifact(root / "cal.json", model=model, model_identity=identity)
-    held = [i for i in range(len(plan.candidates)) if plan.is_holdout(i)]
-    fit = [i for i in range(len(plan.candidates)) if not plan.is_holdout(i)]
+    held = [i for i in range(len(plan.candidates)) if plan.role(i) == "holdout"]
+    threshold = [i for i in range(len(plan.candidates)) if plan.role(i) == "threshold"]
+    fit = [i for i in range(len(plan.candidates)) if plan.role(i) == "fit"]
+    assert held and threshold and fit and len(held) + len(threshold) + len(fit) == len(plan.candidates)
     with torch.no_grad():
         held_scores = detector.score(plan.pixels(held)).double().numpy()
+        threshold_scores = detector.score(plan.pixels(threshold)).double().numpy()
         fit_scores = detector.score(plan.pixels(fit)).double().numpy()
     # min_confidence 0: every candidate is selected, in plan order within each split
     assert np.allclose(np.sort(result.scores["clean_holdout"]), np.sort(held_scores), rtol=1e-3, atol=1e-3)
+    # the threshold is set on the shipped pipeline's scores of rows no signal and no combiner was fitted on
+    assert np.allclose(np.sort(result.scores["clean_threshold"]), np.sort(threshold_scores), rtol=1e-3, atol=1e-3)
+    assert artifact.threshold == pytest.approx(result.threshold)
     # in-sample fit scores (the shipped signals) are not the out-of-fold ones the threshold was fitted on
     assert not np.allclose(np.sort(result.scores["clean_fit"]), np.sort(fit_scores), rtol=1e-3, atol=1e-3)
 

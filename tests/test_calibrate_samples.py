@@ -82,8 +82,13 @@ def test_cluster_rate_redraws_sources_not_inputs():
 
 
 def test_minimums_follow_the_target_fpr():
-    assert required_sizes(0.05) == {"clean_fit": 100, "clean_holdout": 200, "sources_fit": 10, "sources_holdout": 20}
-    assert required_sizes(0.01)["clean_holdout"] == 1000 and required_sizes(0.01)["clean_fit"] == 500
+    # the threshold's rows: the threshold split after a refit, the fit and threshold splits together otherwise
+    assert required_sizes(0.05) == {"clean_threshold": 100, "clean_holdout": 200, "sources_threshold": 10, "sources_holdout": 20}
+    assert required_sizes(0.01)["clean_holdout"] == 1000 and required_sizes(0.01)["clean_threshold"] == 500
+    assert required_sizes(0.05, refit=True)["clean_fit"] == 100 and required_sizes(0.05, refit=True)["sources_fit"] == 10
+    refit = SampleSize(300, 300, 40, 40, 0.05, {"fgsm": 100}, clean_threshold=50, sources_threshold=5, refit=True)
+    assert "clean images setting the threshold (threshold split): 50 < 100 needed" in refit.shortfalls
+    assert SampleSize(60, 300, 6, 40, 0.05, clean_threshold=60, sources_threshold=6).sufficient  # 120 rows, 12 sources
     enough = SampleSize(300, 300, 40, 40, 0.05, {"fgsm": 100})
     assert enough.sufficient and enough.warning() is None
     few = SampleSize(2, 2, 1, 1, 0.05, {"fgsm": 3})
@@ -104,7 +109,10 @@ def test_tiny_job_warns_on_stderr_and_records_insufficient_sample(tmp_path):
     artifact = CalibrationArtifact.load(tmp_path / "cal.json")  # checksum still verifies with the new fields
     size = artifact.data["sample_size"]
     assert size["sufficient"] is False and "TOO FEW CLEAN IMAGES" in size["warning"]
-    assert size["clean_fit"] + size["clean_holdout"] == 20 and size["sources_fit"] + size["sources_holdout"] == 10
+    assert size["clean_fit"] + size["clean_threshold"] + size["clean_holdout"] + size["clean_mixed"] == 20
+    assert size["sources_fit"] + size["sources_threshold"] + size["sources_holdout"] == 10
+    assert size["threshold_set_on"] == {"splits": ["fit", "threshold"], "clean": size["clean_fit"] + size["clean_threshold"],
+                                        "sources": size["sources_fit"] + size["sources_threshold"]}  # nothing refitted
     assert size["adversarial_per_attack"]["fgsm"] == artifact.results["attacks"]["fgsm"]["successful"]
     assert size["required"]["clean_holdout"] == 200
 
@@ -176,7 +184,8 @@ def test_corpus_job_uses_only_the_dev_part_and_records_its_origin(fake_corpus, t
     assert data["clean_source"] == "corpus" and data["corpus"]["part"] == "dev" and data["corpus"]["root"] == str(root)
     assert data["source_files_sha256"] == dev  # only dev images, hashes from the manifest
     assert data["candidates"] == 16 and data["sources"] == 8  # grouped by the manifest's source
-    assert data["sample_size"]["sources_fit"] + data["sample_size"]["sources_holdout"] == 8
+    size = data["sample_size"]
+    assert size["sources_fit"] + size["sources_threshold"] + size["sources_holdout"] == 8
 
 
 def test_auto_takes_the_corpus_for_the_bundled_model_and_caps_it_across_sources(fake_corpus):

@@ -115,7 +115,7 @@ def test_artifact_is_in_force_in_the_detector_and_a_running_sidecar(triton, prob
     import dataclasses
 
     from detector.models import ModelIdentity
-    from service.detectors import DetectorRegistry
+    from service.core.detectors import DetectorRegistry
 
     document = json.loads((root / "cal.json").read_text())
     document["threshold"] = 0.0

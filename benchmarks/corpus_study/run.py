@@ -23,6 +23,7 @@ from scipy.stats import binomtest
 from detector import CalibrationArtifact, map_entropies
 from detector.attacks import make_attack
 from detector.calibrate.intervals import cluster_rate
+from detector.calibrate.splits import assign_roles
 from detector.evaluation import evaluate, threshold_at_fpr
 from detector.features import extract_maps
 from detector.models import bundled_identity, load_bundled_model
@@ -129,12 +130,13 @@ def dev_roles(originals: list[frozenset[str]], share: float, seed: int) -> np.nd
     linear probe on block-10 features tells the dev part from the test part
     with AUC 0.69 across sources, 0.76 on composites), so the threshold saw
     familiar content that test inputs never have.
+
+    The split itself is :func:`detector.calibrate.splits.assign_roles`, the
+    one implementation ``advsentry calibrate`` uses too (there with a third
+    split); it gives exactly the roles this function gave before it was
+    shared (``tests/test_calibrate_threshold.py`` pins the equality).
     """
-    if share <= 0:
-        return np.full(len(originals), "fit")
-    distinct = sorted(set().union(*originals))
-    held = set(np.random.default_rng(seed).permutation(distinct)[: max(1, round(share * len(distinct)))].tolist())
-    return np.array(["held" if o <= held else "out" if o & held else "fit" for o in originals])
+    return assign_roles(originals, {"held": share}, seed, rest="fit", mixed="out")
 
 
 def originals_by_id(roots: list[Path]) -> dict[str, frozenset[str]]:

@@ -3,12 +3,14 @@
 Pipeline (see each module):
 
 - :mod:`.spec`: the job's settings and attack specs;
-- :mod:`.data`: clean candidates, source hashes, the split by source;
+- :mod:`.data`, :mod:`.splits`: clean candidates, source hashes, the split by originals into
+  fit / threshold / held-out (shared with the corpus study);
 - :mod:`.access`, :mod:`.triton_query`: the model locally or through a Triton
   endpoint (counted queries for black box with probing), production scoring;
 - :mod:`.stages`: one chunk's clean scores, one chunk's attack;
 - :mod:`.store`, :mod:`.job`: resumable, shardable units in a work directory;
-- :mod:`.fit`: combiner, thresholds, held-out FPR, per-attack results;
+- :mod:`.fit`: combiner (fit split), thresholds (threshold split), realized FPR and
+  per-attack results (held-out split);
 - :mod:`.intervals`: exact binomial intervals for rates, AUC bootstrap by source;
 - :mod:`.sufficiency`: minimum sample sizes, ``--min-samples strict|warn|off``;
 - :mod:`.report`: the self-contained HTML report.

@@ -1,4 +1,4 @@
-"""The clean images of a calibration job: candidates, their sources and hashes, the fit / held-out split.
+"""The clean images of a calibration job: candidates, their sources, originals and hashes, the three splits.
 
 Three origins (:meth:`JobConfig.resolved_clean_source`): the user's
 ``--images``; the real-photo corpus's *dev* part (:mod:`detector.corpus`;
@@ -12,9 +12,23 @@ without talking to the others:
 
 - candidates are ordered (bundled crops interleaved across photos, so any
   prefix spans many photos) and cut into fixed-size chunks, the job's units;
-- the split is by *source* (a bundled photo, or a file): a seeded permutation
-  of the sorted source names sends ``holdout`` of them to the held-out split,
-  so the threshold is never checked on near-duplicates of what it was fitted on.
+- the split is by *originals* (:mod:`.splits`): the files a candidate was made
+  from, a bundled photo, a user's file (by SHA-256), a corpus image's photo, or
+  its cut-out and background (see :func:`corpus_originals`). A seeded share
+  ``holdout`` of the distinct originals goes to the *held-out* split (where the
+  FPR and the per-attack results are measured), ``threshold_split`` to the
+  *threshold* split (where the threshold is set), the rest to the *fit* split
+  (what ``--refit-combiner`` / ``--refit-signals`` fit on). A candidate made
+  from originals of several splits is used for nothing (role ``"out"``,
+  counted). Why three splits: a combiner that fitted noise makes its own
+  training rows look cleaner than unseen ones, so a threshold set on them is
+  too low (noise-only signals, 5 % target: 14.5 % realized FPR in issue 20,
+  9.5 % in ``tests/test_calibrate_threshold.py``, where the threshold split
+  gives 5.2 %); set on
+  rows no fit saw, it is what the held-out split then measures. Why originals:
+  crops of one photo, or composites on one background, are near-duplicates;
+  a split that lets them sit on two sides measures the threshold on familiar
+  content.
 
 Which candidates are *selected* (the model's top-1 confidence at least the
 floor, as in the detection study) is decided per image in the clean stage.
@@ -23,6 +37,7 @@ floor, as in the detection study) is decided per image in the clean stage.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +49,7 @@ from detector.models import file_sha256
 from detector.samples import SampleImage, load_image_file, load_photo, random_crops, to_tensor
 
 from .spec import JobConfig, JobConfigError, digest
+from .splits import FIT, HOLDOUT, JOB_ROLES, MIXED, THRESHOLD, assign_roles, role_counts
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 #: Per-source hashes are listed in the artifact up to this many sources (else only their digest).
@@ -45,9 +61,16 @@ class Candidate:
     """One clean image: a crop of a bundled photo or a user's file."""
 
     name: str
-    group: str  # the source the split is made by
+    group: str  # the source (photo, file, corpus source): what the by-source intervals resample
     sample: SampleImage | None = None
     path: str | None = None
+    #: what the split is made by (:mod:`.splits`); empty: the source alone
+    originals: frozenset[str] = frozenset()
+
+    @property
+    def split_by(self) -> frozenset[str]:
+        """The originals this candidate was made from (``{"source:<group>"}`` when none are known)."""
+        return self.originals or frozenset([f"source:{self.group}"])
 
     def pixels(self, size: int) -> np.ndarray:
         """``uint8 [size, size, 3]``."""
@@ -61,7 +84,8 @@ class CleanPlan:
     """Candidates, chunks and split of one job."""
 
     candidates: list[Candidate]
-    holdout_groups: frozenset[str]
+    #: each candidate's split: ``"fit"``, ``"threshold"``, ``"holdout"`` or ``"out"`` (mixed: used for nothing)
+    roles: tuple[str, ...]
     source_sha256: dict[str, str]
     chunk_size: int
     image_size: int
@@ -79,8 +103,24 @@ class CleanPlan:
     def chunk(self, index: int) -> range:
         return range(index * self.chunk_size, min(len(self.candidates), (index + 1) * self.chunk_size))
 
+    def role(self, index: int) -> str:
+        return self.roles[index]
+
     def is_holdout(self, index: int) -> bool:
-        return self.candidates[index].group in self.holdout_groups
+        return self.roles[index] == HOLDOUT
+
+    @property
+    def holdout_groups(self) -> frozenset[str]:
+        """The sources of the held-out candidates."""
+        return frozenset(c.group for c, r in zip(self.candidates, self.roles) if r == HOLDOUT)
+
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """Candidates and sources per split (``"out"``: candidates that mix splits, used for nothing)."""
+        counts: dict[str, dict[str, int]] = {}
+        for role in (*JOB_ROLES, MIXED):
+            members = [c for c, r in zip(self.candidates, self.roles) if r == role]
+            counts[role] = {"candidates": len(members), "sources": len({c.group for c in members})}
+        return counts
 
     def pixels(self, indices: list[int] | range) -> torch.Tensor:
         """``[N, 3, H, W]`` float pixels in [0, 1] (exactly the 8-bit images)."""
@@ -117,6 +157,42 @@ def _image_files(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
 
 
 CORPUS_ORIGIN = "advsentry real-photo corpus (dev part)"
+#: provenance roles of the files that belong to the image's own source (a crop's photo, a composite's cut-out)
+_OWN_ROLES = ("photo", "object")
+
+
+def corpus_originals(images: Sequence[Any]) -> dict[str, frozenset[str]]:
+    """``{image id: the originals it was made from}`` for corpus images (:class:`detector.corpus.CorpusImage`).
+
+    An original is named by its *source* (``"source:<id>"``) wherever the
+    manifest says which source a file belongs to, else by its SHA-256
+    (``"sha256:<hex>"``). Why the source first: the corpus merges duplicates
+    into one source (the same photo at several resolutions, a mirror image:
+    different bytes, same content), so splitting by SHA-256 alone could put
+    two copies of one photo on two sides; its source keeps them together.
+    Which source a file belongs to: a crop's photo and a composite's cut-out
+    belong to the image's own source (provenance roles ``photo``, ``object``);
+    a composite's background belongs to the source of the background's own
+    crops when one is among ``images``, else it is known by its SHA-256 only.
+    So a crop is made of one original (its source), a composite of two (its
+    cut-out's source and its background), and a composite on a held-out
+    background is never fitted on. Images whose provenance has no SHA-256
+    (older manifests) are made of their source alone: the old by-source split.
+    """
+    owner: dict[str, str] = {}
+    for image in images:
+        for entry in image.provenance:
+            if entry.get("sha256") and entry.get("role") in _OWN_ROLES:
+                owner.setdefault(str(entry["sha256"]), image.source)
+    found: dict[str, frozenset[str]] = {}
+    for image in images:
+        names = {f"source:{image.source}"}
+        for entry in image.provenance:
+            sha = entry.get("sha256")
+            if sha and entry.get("role") not in _OWN_ROLES:
+                names.add(f"source:{owner[sha]}" if sha in owner else f"sha256:{sha}")
+        found[image.id] = frozenset(names)
+    return found
 
 
 def _corpus_candidates(config: JobConfig) -> tuple[list[Candidate], dict[str, str], dict[str, Any]]:
@@ -150,7 +226,8 @@ def _corpus_candidates(config: JobConfig) -> tuple[list[Candidate], dict[str, st
     names = sorted(by_source)
     ordered = [[by_source[names[i]][j] for j in rng.permutation(len(by_source[names[i]]))] for i in rng.permutation(len(names))]
     chosen = _round_robin(ordered)[: config.image_cap]
-    candidates = [Candidate(image.id, image.source, path=str(image.file)) for image in chosen]
+    originals = corpus_originals(dev)  # the whole dev part: a background's crops name its source even when not chosen
+    candidates = [Candidate(image.id, image.source, path=str(image.file), originals=originals[image.id]) for image in chosen]
     hashes = {image.id: image.sha256 for image in chosen}
     manifest = root / "manifest.json"
     details = {
@@ -168,7 +245,7 @@ def _corpus_candidates(config: JobConfig) -> tuple[list[Candidate], dict[str, st
 
 
 def plan_clean_images(config: JobConfig) -> CleanPlan:
-    """Enumerate candidates, hash their sources and split the sources (no model involved)."""
+    """Enumerate candidates, hash their sources and split them by originals (no model involved)."""
     source = config.resolved_clean_source()
     extra: dict[str, Any] = {}
     if source == "corpus":
@@ -177,11 +254,12 @@ def plan_clean_images(config: JobConfig) -> CleanPlan:
         extra["corpus"] = corpus_details
     elif source == "bundled":
         samples = _interleave(random_crops(config.crops_per_photo, seed=config.seed, size=config.image_size, min_fraction=0.3))
-        candidates = [Candidate(s.name, s.source, sample=s) for s in samples][: config.image_cap]
-        sources = {
-            name: hashlib.sha256(np.ascontiguousarray(load_photo(name)).tobytes()).hexdigest()
-            for name in sorted({c.group for c in candidates})
-        }
+        photos = sorted({s.source for s in samples})
+        sources = {name: hashlib.sha256(np.ascontiguousarray(load_photo(name)).tobytes()).hexdigest() for name in photos}
+        # a crop is made of its photo
+        candidates = [Candidate(s.name, s.source, sample=s, originals=frozenset([f"sha256:{sources[s.source]}"]))
+                      for s in samples][: config.image_cap]
+        sources = {name: sources[name] for name in sorted({c.group for c in candidates})}
         origin = "bundled photos (scikit-image, scikit-learn, matplotlib sample data), random square crops"
         extra["crops_per_photo"] = config.crops_per_photo
     else:
@@ -189,17 +267,17 @@ def plan_clean_images(config: JobConfig) -> CleanPlan:
         if config.image_cap is not None and len(files) > config.image_cap:  # a seeded subset, kept in file order
             keep = np.sort(np.random.default_rng([config.seed, 0xF1]).permutation(len(files))[: config.image_cap])
             files = [files[i] for i in keep]
-        candidates = [Candidate(name, name, path=str(path)) for name, path in files]
         sources = {name: file_sha256(str(path.resolve())) for name, path in files}
+        # a file is its own original, by content: two copies of one file land in one split
+        candidates = [Candidate(name, name, path=str(path), originals=frozenset([f"sha256:{sources[name]}"])) for name, path in files]
         origin = "image files: " + ", ".join(config.images)
     if config.max_images is not None:
         extra["max_images"] = config.max_images
+    roles = split_candidates(candidates, config)
     groups = sorted({c.group for c in candidates})
-    if len(groups) < 2:
-        raise JobConfigError("the fit / held-out split needs images from at least two sources (photos or files)")
-    order = np.random.default_rng(config.seed).permutation(len(groups))
-    n_holdout = min(len(groups) - 1, max(1, round(config.holdout * len(groups))))
-    holdout = frozenset(groups[i] for i in order[:n_holdout])
+    plan = CleanPlan(candidates, roles, sources, config.chunk_size, config.image_size, {})
+    counts = plan.split_counts()
+    holdout = plan.holdout_groups
     manifest = hashlib.sha256("\n".join(f"{k} {v}" for k, v in sorted(sources.items())).encode()).hexdigest()
     description: dict[str, Any] = {
         "origin": origin,
@@ -208,11 +286,43 @@ def plan_clean_images(config: JobConfig) -> CleanPlan:
         "sources": len(groups),
         "sources_sha256": manifest,
         "holdout_sources": sorted(holdout) if len(holdout) <= MAX_LISTED_SOURCES else len(holdout),
-        "split": f"by source, seeded; held-out fraction {config.holdout}",
+        "split": (f"by originals (photo, file, corpus cut-out and background), seeded; shares of the originals: "
+                  f"held-out {config.holdout}, threshold {config.threshold_split}, fit the rest; candidates that mix "
+                  "splits are used for nothing"),
+        "split_shares": {HOLDOUT: config.holdout, THRESHOLD: config.threshold_split,
+                         FIT: round(1.0 - config.holdout - config.threshold_split, 12)},
+        "split_candidates": counts,
         "min_confidence": config.confidence_floor,
         "image_size": config.image_size,
     }
     if len(sources) <= MAX_LISTED_SOURCES:
         description["source_files_sha256"] = sources
     description.update(extra)
-    return CleanPlan(candidates, holdout, sources, config.chunk_size, config.image_size, description)
+    plan.description = description
+    return plan
+
+
+def split_candidates(candidates: Sequence[Candidate], config: JobConfig) -> tuple[str, ...]:
+    """Each candidate's split (:func:`detector.calibrate.splits.assign_roles` over their originals).
+
+    Refuses (:class:`JobConfigError`) a split the job cannot use: no
+    held-out candidate (nothing to measure the FPR on), nothing to set the
+    threshold on, and, when something is refitted, an empty fit or threshold
+    split (the threshold must come from rows the refit did not see).
+    """
+    originals = [c.split_by for c in candidates]
+    distinct = len(set().union(*originals)) if originals else 0
+    shares = {HOLDOUT: config.holdout, THRESHOLD: config.threshold_split}
+    roles = tuple(str(r) for r in assign_roles(originals, shares, config.seed, rest=FIT, mixed=MIXED)) if originals else ()
+    present = {r: roles.count(r) for r in (*JOB_ROLES, MIXED)}
+    empty = [r for r in ([HOLDOUT, FIT, THRESHOLD] if config.refit_combiner else [HOLDOUT]) if not present[r]]
+    if not config.refit_combiner and not (present[FIT] or present[THRESHOLD]):
+        empty.append("fit and threshold")
+    if empty:
+        raise JobConfigError(
+            f"the split by originals leaves no candidate in the {' / '.join(empty)} split "
+            f"({len(candidates)} candidates made from {distinct} originals (photos, files): {role_counts(distinct, shares)} "
+            f"originals per split; {present[MIXED]} candidate(s) mix splits and are used for nothing); "
+            f"add images from more photos or files, or change --holdout / --threshold-split"
+        )
+    return roles

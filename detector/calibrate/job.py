@@ -8,9 +8,14 @@ single run and ``merge`` of its shards go through the same ``finalize`` over
 the same unit contents, so they give the same artifact (bar ``created_at``
 and the id and checksum derived from it).
 
-With ``refit_signals`` the units also keep the learned signals' raw parts
-and ``finalize`` refits those signals on the fit split (out of fold by
-source, :func:`detector.signals.fitting.cross_fit`) before the combiner and
+The clean candidates are split by their originals (:mod:`.splits`,
+:func:`.data.plan_clean_images`) into *fit* (what ``--refit-combiner`` /
+``--refit-signals`` fit on), *threshold* (where the threshold is set) and
+*held-out* (where the realized FPR and the per-attack results are measured);
+candidates that mix splits are used for nothing (:mod:`.fit` says which rows
+do what). With ``refit_signals`` the units also keep the learned signals' raw
+parts and ``finalize`` refits those signals on the fit split only (out of fold
+by source, :func:`detector.signals.fitting.cross_fit`) before the combiner and
 thresholds are fitted; see :meth:`CalibrationJob.refit_signals`.
 
 Progress: one tqdm bar per stage on stderr, counted in images, with ETA.
@@ -28,9 +33,8 @@ import numpy as np
 import torch
 
 from detector.calibration import CalibrationArtifact, library_versions
-from detector.combiner import Combiner, SingleMap
-from detector.config import PAPER_CONFIG
-from detector.detector import FEATURE_RESPONSE, Detector, resolve_artifact
+from detector.combiner import Combiner
+from detector.detector import Detector, resolve_detector
 from detector.signals import FeatureConfig, LearnedSignal
 from detector.signals.fitting import CrossFit, cross_fit, signal_values
 from detector.models import ModelIdentity
@@ -40,6 +44,7 @@ from .access import Scorer, load_model
 from .data import plan_clean_images
 from .fit import AttackBank, Calibration, calibrate, concat_attack
 from .spec import AttackSpec, JobConfig, JobConfigError, digest
+from .splits import FIT, HOLDOUT, MIXED, THRESHOLD
 from .store import WorkDir, WorkDirError
 from .sufficiency import SampleSize
 from .triton_query import TritonEndpoint
@@ -63,11 +68,13 @@ class RunStats:
 
 
 def detector_config(spec: str) -> tuple[dict[str, FeatureConfig], Combiner]:
-    """Signals and combiner of a shipped detector (``default``, ``fixed-signals``, ``entropy-9photo``, ``paper``) or an artifact file."""
-    if spec == "paper":
-        return {FEATURE_RESPONSE: PAPER_CONFIG}, SingleMap()
-    artifact = CalibrationArtifact.load(resolve_artifact(spec))
-    return dict(artifact.features), artifact.combiner
+    """Signals and combiner of a shipped detector (``default``, ``fixed-signals``, ``entropy-9photo``, ``paper``) or an artifact file.
+
+    Resolved by :func:`detector.detector.resolve_detector`, the resolver every
+    entry point shares (a missing or invalid file: :class:`CalibrationError`).
+    """
+    resolved = resolve_detector(spec)
+    return dict(resolved.features), resolved.combiner
 
 
 def _clean_json(value: Any) -> Any:
@@ -150,8 +157,9 @@ class CalibrationJob:
                       c.confidence_floor, "triton" if c.scores_via_triton else "local", *raw)
 
     def universal_key(self, spec: AttackSpec) -> str:
+        # the fit pool (fit and threshold candidates, stages.universal_pool) is part of what the perturbation depends on
         return digest("universal", self.clean_key, spec.to_dict(), self.config.seed, self.config.quantize,
-                      sorted(self.plan.holdout_groups))
+                      stages.universal_pool(self.plan))
 
     def attack_key(self, spec: AttackSpec) -> str:
         c = self.config
@@ -166,14 +174,13 @@ class CalibrationJob:
 
     def candidate_sample_size(self) -> SampleSize:
         """Counts before any model runs: candidates and sources per split (upper bounds on what is used)."""
-        plan = self.plan
-        holdout = [plan.is_holdout(i) for i in range(len(plan.candidates))]
-        groups = [c.group for c in plan.candidates]
+        counts = self.plan.split_counts()
         return SampleSize(
-            clean_fit=holdout.count(False), clean_holdout=holdout.count(True),
-            sources_fit=len({g for g, h in zip(groups, holdout) if not h}),
-            sources_holdout=len({g for g, h in zip(groups, holdout) if h}),
+            clean_fit=counts[FIT]["candidates"], clean_holdout=counts[HOLDOUT]["candidates"],
+            sources_fit=counts[FIT]["sources"], sources_holdout=counts[HOLDOUT]["sources"],
             target_fpr=self.config.target_fprs[0], stage="candidates",
+            clean_threshold=counts[THRESHOLD]["candidates"], sources_threshold=counts[THRESHOLD]["sources"],
+            refit=self.config.refit_combiner, clean_mixed=counts[MIXED]["candidates"],
         )
 
     # ---- running ----------------------------------------------------------------------------------
@@ -263,36 +270,42 @@ class CalibrationJob:
         features = len(self.features)
         selected = np.concatenate([u["indices"].numpy()[u["selected"].numpy()] for u in clean_units]).astype(np.int64)
         entropies = np.vstack([u["entropies"].numpy().reshape(-1, features) for u in clean_units])
-        holdout_of = np.array([self.plan.is_holdout(i) for i in range(len(self.plan.candidates))], dtype=bool)
+        # each candidate's split (fit / threshold / holdout / out), and each selected clean row's
+        role_of = np.array([self.plan.role(i) for i in range(len(self.plan.candidates))], dtype=str)
         banks = {spec.label: concat_attack(spec, attack_units[spec.label][0], features, attack_units[spec.label][1])
                  for spec in self.config.attacks}
         _, group_of = np.unique([c.group for c in self.plan.candidates], return_inverse=True)
         features, signal_fits = self.features, None
         if self.config.refit_signals:
-            features, signal_fits = self.refit_signals(clean_units, attack_units, entropies, selected, banks, holdout_of, group_of)
-        result = calibrate(self.config, self.combiner, entropies, holdout_of[selected], banks, holdout_of,
+            features, signal_fits = self.refit_signals(clean_units, attack_units, entropies, selected, banks, role_of, group_of)
+        result = calibrate(self.config, self.combiner, entropies, role_of[selected], banks, role_of,
                            clean_groups=group_of[selected], group_of=group_of)
         self.sample_size = SampleSize(
             clean_fit=result.counts["clean_fit"], clean_holdout=result.counts["clean_holdout"],
-            sources_fit=result.sources["fit"], sources_holdout=result.sources["holdout"],
+            sources_fit=result.sources[FIT], sources_holdout=result.sources[HOLDOUT],
             target_fpr=self.config.target_fprs[0],
             adversarial_per_attack={label: int(len(result.scores[label])) for label in banks},
+            clean_threshold=result.counts["clean_threshold"], sources_threshold=result.sources[THRESHOLD],
+            refit=self.config.refit_combiner, clean_mixed=result.counts["clean_out"],
         )
         data = dict(self.plan.description)
         data.update(
             selected=int(len(selected)),
             clean_fit=result.counts["clean_fit"],
+            clean_threshold=result.counts["clean_threshold"],
             clean_held_out=result.counts["clean_holdout"],
+            clean_mixed=result.counts["clean_out"],
             labels="the model's own top-1 class on the clean image (kept when its probability >= min_confidence)",
             sample_size=self.sample_size.to_dict(),
         )
         results = {
             "operating_points": result.operating_points,
+            "threshold_set_on": " + ".join(result.threshold_splits) + (" split" if len(result.threshold_splits) == 1 else " splits"),
             "attacks": result.per_attack,
             "combiner": "refitted on the fit split" if self.config.refit_combiner else f"as configured ({self.config.detector})",
         }
         if signal_fits is not None:
-            results["signals"] = "refitted on the fit split, out-of-fold by source"
+            results["signals"] = "refitted on the fit split, out-of-fold by source"  # threshold and held-out rows: the refitted signals
             results["signal_fits"] = signal_fits
         job = self.config.to_dict()
         job["scoring"] = "triton" if self.config.scores_via_triton else "local"
@@ -310,28 +323,37 @@ class CalibrationJob:
         entropies: np.ndarray,
         selected: np.ndarray,
         banks: dict[str, AttackBank],
-        holdout_of: np.ndarray,
+        role_of: np.ndarray,
         group_of: np.ndarray,
     ) -> tuple[dict[str, FeatureConfig], dict[str, dict[str, Any]]]:
         """Refit every learned signal on the fit split; rewrite its column in ``entropies`` and the banks in place.
 
-        Fit rows: the selected clean images of the fit split and the successful
-        adversarials of fit-split images, every attack weighted equally,
-        grouped by source. Their column becomes out-of-fold values (each from
-        the signal fitted without the row's source), so the combiner and
-        threshold fitted next never read a value from a signal that saw its
-        source; held-out rows (clean and adversarial) get the values of the
-        signal fitted on all fit rows, the one the artifact ships. Returns the
-        features with the refitted signals, and what each fit used.
+        ``role_of`` is each candidate's split (``"fit"``, ``"threshold"``,
+        ``"holdout"``, ``"out"``). Fit rows: the selected clean images of the
+        *fit* split and the successful adversarials of fit-split images, every
+        attack weighted equally, grouped by source. Their column becomes
+        out-of-fold values (each from the signal fitted without the row's
+        source), so the combiner fitted next never reads a value from a signal
+        that saw its source. Every other row (threshold, held-out, clean and
+        adversarial) gets the values of the signal fitted on all fit rows, the
+        one the artifact ships: the threshold is then set, and the realized FPR
+        measured, exactly as the sidecar will score, on rows no signal was
+        fitted on. Rows of the ``"out"`` role (candidates that mix splits) get
+        those values too but are used for nothing. Returns the features with
+        the refitted signals, and what each fit used.
         """
         names = list(self.features)
-        clean_fit = ~holdout_of[selected]
-        fit_of = {label: ~holdout_of[bank.success_indices] for label, bank in banks.items()}
+        role_of = np.asarray(role_of).astype(str)
+        clean_fit = role_of[selected] == FIT
+        fit_of = {label: role_of[bank.success_indices] == FIT for label, bank in banks.items()}
         weights = [np.full(int(clean_fit.sum()), 1.0 / max(int(clean_fit.sum()), 1))]
         weights += [np.full(int(fit.sum()), 1.0 / max(int(fit.sum()), 1)) for fit in fit_of.values()]
         weight = np.concatenate(weights)
         n_clean = int(clean_fit.sum())
         is_clean = np.arange(len(weight)) < n_clean
+        if n_clean == 0:
+            raise ValueError("--refit-signals: no selected clean image in the fit split to fit the learned signals on; "
+                             "add images or lower --holdout / --threshold-split")
         if is_clean.all():
             raise ValueError("--refit-signals: no successful adversarial of a fit-split image to fit the learned signals on; "
                              "add images or attacks")

@@ -1,13 +1,16 @@
 """The calibration report: one self-contained HTML file (figures embedded as base64 PNGs).
 
 Sections: a red banner when the sample is below the minimums
-(:mod:`.sufficiency`), the sample size, operating points (target vs held-out
-FPR with its exact interval), the per-attack table (AUC with its by-source
+(:mod:`.sufficiency`), the sample size per split, operating points (target
+FPR, threshold, which split set it, and beside the target the *realized*
+FPR on the held-out split with its exact interval), the per-attack table (AUC with its by-source
 interval or "not meaningful", TPR at the threshold with its exact interval),
 ROC curves per attack, clean vs adversarial score histograms with the
 threshold, a grid of examples (input, perturbation, feature response,
 local entropy map; clean and adversarial), and the settings used. Also
-:func:`markdown_table`, the same per-attack table as Markdown for notes and logs.
+:func:`markdown_table`, the same per-attack table as Markdown for notes and logs,
+and :func:`operating_point_line`, the one-line form ``advsentry calibrate``
+prints for each target FPR.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def histogram_figure(result: Calibration, labels: list[str]) -> str:
     rows = -(-max(1, len(labels)) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     clean = result.scores["clean_holdout"]
-    everything = np.concatenate([clean, result.scores["clean_fit"], *[result.scores[l] for l in labels]])
+    everything = np.concatenate([clean, result.scores["clean_fit"], result.scores.get("clean_threshold", np.zeros(0)),
+                                 *[result.scores[l] for l in labels]])
     bins = np.linspace(everything.min(), everything.max() + 1e-9, 30) if len(everything) else 10
     for axis, label in zip(axes.flat, labels):
         axis.hist(clean, bins=bins, alpha=0.6, density=True, label=f"clean held-out ({len(clean)})")
@@ -165,6 +169,47 @@ def held_out_fpr_text(point: dict[str, Any]) -> str:
     return f"{point['held_out_fpr']:.3f} ({point['held_out_false_positives']}/{point['held_out_clean']})"
 
 
+def _percent(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}"
+
+
+def threshold_set_on_text(point: dict[str, Any]) -> str:
+    """``threshold split: 140 clean, 12 sources``: the rows that set an operating point's threshold.
+
+    Artifacts made before the threshold split have no ``threshold_set_on``:
+    their threshold was set on the fit split.
+    """
+    found = point.get("threshold_set_on")
+    if not found:
+        return "fit split"
+    splits = list(found.get("splits") or ())
+    name = " + ".join(splits) + (" split" if len(splits) == 1 else " splits")
+    return f"{name}: {found.get('clean')} clean, {found.get('sources')} sources"
+
+
+def realized_fpr_text(point: dict[str, Any]) -> str:
+    """``5.6% [3.1, 9.2] (14/250)``: the held-out FPR at a threshold, in percent, with its exact 95 % interval."""
+    entry = point.get("held_out_fpr_interval")
+    if not entry:
+        return f"{_percent(point.get('held_out_fpr'))}% ({point.get('held_out_false_positives')}/{point.get('held_out_clean')})"
+    if entry.get("value") is None:
+        return f"– (n={entry.get('n', 0)})"
+    return (f"{_percent(entry['value'])}% [{_percent(entry.get('low'))}, {_percent(entry.get('high'))}] "
+            f"({entry['k']}/{entry['n']})")
+
+
+def operating_point_line(point: dict[str, Any]) -> str:
+    """One operating point as ``advsentry calibrate`` prints it: target, threshold, what set it, realized FPR beside the target.
+
+    ``target FPR 5%: threshold 1.234000 (set on threshold split: 140 clean, 12 sources);
+    realized held-out FPR 5.6% [3.1, 9.2] (14/250)``. The realized FPR is
+    measured on held-out images, from originals no fit and no threshold saw;
+    its interval is exact (Clopper–Pearson 95 %).
+    """
+    return (f"target FPR {100 * point['target_fpr']:g}%: threshold {point['threshold']:.6f} "
+            f"(set on {threshold_set_on_text(point)}); realized held-out FPR {realized_fpr_text(point)}")
+
+
 def _tpr_at_fpr_text(detection: dict[str, Any], key: str) -> str:
     """TPR at an FPR point; flagged when the held-out split has fewer than 1/FPR clean images (no such threshold exists)."""
     text = _interval(detection["tpr"].get(key))
@@ -203,9 +248,11 @@ def table_rows(artifact: CalibrationArtifact) -> list[list[str]]:
 def markdown_table(artifact: CalibrationArtifact) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(artifact)]
-    lines += ["", "| target FPR | threshold | FPR on fit split | held-out FPR [exact 95 %] |", "|---|---|---|---|"]
+    lines += ["", "| target FPR | threshold | set on | FPR on the rows that set it | realized held-out FPR [exact 95 %] |",
+              "|---|---|---|---|---|"]
     for p in artifact.results["operating_points"]:
-        lines.append(f"| {p['target_fpr']:g} | {p['threshold']:.6f} | {p['fit_fpr']:.3f} | {held_out_fpr_text(p)} |")
+        lines.append(f"| {p['target_fpr']:g} | {p['threshold']:.6f} | {threshold_set_on_text(p)} | "
+                     f"{_fmt(p.get('threshold_rows_fpr', p.get('fit_fpr')))} | {held_out_fpr_text(p)} |")
     warning = (artifact.data.get("sample_size") or {}).get("warning")
     if warning:
         lines = ["> **WARNING** " + " ".join(warning.splitlines()), "", *lines]
@@ -238,14 +285,36 @@ def sample_size_banner(artifact: CalibrationArtifact) -> str:
             f"<pre>{html.escape(size['warning'])}</pre></div>")
 
 
+def _sample_rows(size: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(what, used, minimum or None) per split; artifacts from before the threshold split: held-out and fit only."""
+    required = size.get("required", {})
+    on = size.get("threshold_set_on")
+    if not on:
+        return [(name, size.get(key), required.get(key)) for name, key in (
+            ("clean images, held-out", "clean_holdout"), ("sources, held-out", "sources_holdout"),
+            ("clean images, fit", "clean_fit"), ("sources, fit", "sources_fit"))]
+    names = list(on.get("splits") or ())
+    splits = " + ".join(names) + (" split" if len(names) == 1 else " splits")
+    refit = size.get("refit")
+    return [
+        ("clean images, held-out (realized FPR)", size.get("clean_holdout"), required.get("clean_holdout")),
+        ("sources, held-out", size.get("sources_holdout"), required.get("sources_holdout")),
+        (f"clean images setting the threshold ({splits})", on.get("clean"), required.get("clean_threshold")),
+        (f"sources setting the threshold ({splits})", on.get("sources"), required.get("sources_threshold")),
+        ("clean images, fit" + (" (refitted on)" if refit else " (nothing refitted)"), size.get("clean_fit"), required.get("clean_fit")),
+        ("sources, fit", size.get("sources_fit"), required.get("sources_fit")),
+        ("clean images, threshold split", size.get("clean_threshold"), None),
+        ("clean images mixing splits (used for nothing)", size.get("clean_mixed", 0), None),
+    ]
+
+
 def sample_size_table(artifact: CalibrationArtifact) -> str:
     size = artifact.data.get("sample_size")
     if not size:
         return ""
-    required = size.get("required", {})
-    rows = [[name, str(size.get(key)), str(required.get(key, "–")), "ok" if size.get(key, 0) >= required.get(key, 0) else "TOO FEW"]
-            for name, key in (("clean images, held-out", "clean_holdout"), ("sources, held-out", "sources_holdout"),
-                              ("clean images, fit", "clean_fit"), ("sources, fit", "sources_fit"))]
+    rows = [[name, str(used), "–" if need is None else str(need),
+             "" if need is None else "ok" if (used or 0) >= need else "TOO FEW"]
+            for name, used, need in _sample_rows(size)]
     minimum = size.get("min_adversarial_per_attack", 0)
     rows += [[f"successful adversarials, {label}", str(n), f"{minimum} (advisory)", "ok" if n >= minimum else "few"]
              for label, n in size.get("adversarial_per_attack", {}).items()]
@@ -258,8 +327,8 @@ def write_report(path: str | Path, artifact: CalibrationArtifact, result: Calibr
     """Write the HTML report next to (and describing) ``artifact``."""
     labels = list(banks)
     points = [
-        [f"{p['target_fpr']:g}", f"{p['threshold']:.6f}", f"{p['fit_fpr']:.3f}", held_out_fpr_text(p),
-         str(p.get("held_out_sources", "–"))]
+        [f"{p['target_fpr']:g}", f"{p['threshold']:.6f}", threshold_set_on_text(p),
+         _fmt(p.get("threshold_rows_fpr", p.get("fit_fpr"))), held_out_fpr_text(p), str(p.get("held_out_sources", "–"))]
         for p in artifact.results["operating_points"]
     ]
     settings = {
@@ -279,14 +348,19 @@ def write_report(path: str | Path, artifact: CalibrationArtifact, result: Calibr
         f"<p class='note'>model {html.escape(artifact.model.name)} (weights sha256 {html.escape(artifact.model.weights_sha256[:16])}…), "
         f"created {html.escape(artifact.created_at)}; threshold in force <b>{artifact.threshold:.6f}</b> "
         f"for target FPR {artifact.target_fpr:g}. Clean images: {artifact.data.get('selected')} selected "
-        f"({artifact.data.get('clean_fit')} fit, {artifact.data.get('clean_held_out')} held-out) of "
+        f"({artifact.data.get('clean_fit')} fit, {artifact.data.get('clean_threshold', 0)} threshold, "
+        f"{artifact.data.get('clean_held_out')} held-out, {artifact.data.get('clean_mixed', 0)} mixing splits) of "
         f"{artifact.data.get('candidates')} candidates from {artifact.data.get('sources')} sources; origin: "
         f"{html.escape(str(artifact.data.get('origin')))}.</p>",
         sample_size_table(artifact),
-        "<h2>Operating points</h2><p class='note'>Threshold fitted on the fit split's clean scores; "
-        "FPR measured on the held-out split's clean images, with its exact (Clopper–Pearson) 95 % interval.</p>",
-        _html_table(["target FPR", "threshold", "FPR on fit split", "held-out FPR [exact 95 %] (false positives / clean)",
-                     "held-out sources"], points),
+        "<h2>Operating points</h2><p class='note'>Three splits of the clean images by originals (photos, files, "
+        "corpus cut-outs and backgrounds): what is refitted (combiner, learned signals) is fitted on the fit split; "
+        "the threshold is the (1 − target) quantile of the clean scores of the threshold split (of the fit and "
+        "threshold splits together when nothing is refitted: nothing was fitted on either); the realized FPR is "
+        "measured on the held-out split, from originals no fit and no threshold saw, with its exact "
+        "(Clopper–Pearson) 95 % interval. Compare it with the target.</p>",
+        _html_table(["target FPR", "threshold", "set on", "FPR on the rows that set it",
+                     "realized held-out FPR [exact 95 %] (false positives / clean)", "held-out sources"], points),
         "<h2>Per attack</h2><p class='note'>Positives are successful adversarials only; clean: the held-out split. "
         "AUC: 95 % bootstrap interval resampling whole sources, or \"not meaningful\" with fewer than 10 sources on a "
         "side. TPR at the threshold: exact (Clopper–Pearson) 95 % interval. TPR at 1/5/10 % FPR: bootstrap over images "

@@ -20,7 +20,8 @@ these job-level ones:
 The scenario follows from the attack's family: white-box attacks run on the
 local model, query-based ones (boundary, hopskipjump, square, one_pixel) reach
 the model only through predictions (a Triton endpoint with ``--query-url``),
-``universal`` fits one perturbation on the fit split and applies it to all.
+``universal`` fits one perturbation on images of the fit and threshold splits
+(never held-out ones) and applies it to all.
 """
 
 from __future__ import annotations
@@ -150,7 +151,13 @@ class JobConfig:
     crops_per_photo: int = 2
     min_confidence: float | None = None  # None: 0.3 for bundled crops and the corpus, 0.0 for user images
     image_size: int = 224
+    #: share of the originals (photos, files, corpus cut-outs and backgrounds) whose images measure the FPR
     holdout: float = 0.5
+    #: share of the originals whose clean images set the threshold and nothing else; the rest is the fit split.
+    #: Why apart from the fit split: a refitted combiner makes its own training rows look cleaner than unseen
+    #: ones, so a threshold set on them is too low. Without a refit nothing is fitted on the fit split and the
+    #: threshold is set on the fit and threshold splits together (no leak, more rows: a more precise threshold).
+    threshold_split: float = 0.25
     # attacks
     attacks: tuple[AttackSpec, ...] = ()
     quantize: bool = True
@@ -172,6 +179,11 @@ class JobConfig:
             raise JobConfigError(f"target FPRs must be in (0, 1), got {list(self.target_fprs)}")
         if not 0.0 < self.holdout < 1.0:
             raise JobConfigError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not 0.0 < self.threshold_split < 1.0 or self.holdout + self.threshold_split >= 1.0:
+            raise JobConfigError(
+                f"threshold split must be in (0, 1) and leave a fit split (holdout + threshold split < 1), got threshold "
+                f"split {self.threshold_split} with holdout {self.holdout}"
+            )
         if self.chunk_size < 1 or self.crops_per_photo < 1:
             raise JobConfigError("chunk size and crops per photo must be positive")
         if self.clean_source not in CLEAN_SOURCES:

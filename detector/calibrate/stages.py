@@ -31,6 +31,7 @@ from detector.signals.fitting import capture_first, stored_form
 from .access import Scorer
 from .data import CleanPlan
 from .spec import AttackSpec, JobConfig
+from .splits import FIT, THRESHOLD
 from .triton_query import TritonEndpoint, triton_query_model
 
 
@@ -142,16 +143,27 @@ def _selected(runtime: Runtime, spec: AttackSpec, clean: dict[str, Any]) -> tupl
     return [i for i, _ in keep], torch.tensor([label for _, label in keep], dtype=torch.long)
 
 
+def universal_pool(plan: CleanPlan, fit_images: int = 16) -> list[int]:
+    """The candidates a universal perturbation may be fitted on: the first ``4 * fit_images`` of the fit and threshold splits.
+
+    Never held-out ones (the per-attack results are measured there), nor
+    candidates that mix splits (they share an original with the held-out
+    split, maybe). Threshold-split images are allowed: the perturbation is part
+    of the attack, not of the detector, and no clean score depends on it.
+    """
+    return [i for i in range(len(plan.candidates)) if plan.role(i) in (FIT, THRESHOLD)][: 4 * fit_images]
+
+
 def universal_fit(runtime: Runtime, spec: AttackSpec, fit_images: int = 16) -> dict[str, Any]:
-    """Fit a universal perturbation on the first ``fit_images`` confident fit-split candidates."""
+    """Fit a universal perturbation on the first ``fit_images`` confident candidates of :func:`universal_pool`."""
     plan, config = runtime.plan, runtime.config
-    pool = [i for i in range(len(plan.candidates)) if not plan.is_holdout(i)][: 4 * fit_images]
+    pool = universal_pool(plan, fit_images)
     pixels = plan.pixels(pool).to(runtime.device)
     probabilities = torch.softmax(runtime.scorer.logits(pixels).float(), dim=1).cpu()
     confidence, labels = probabilities.max(dim=1)
     chosen = [k for k in range(len(pool)) if confidence[k] >= config.confidence_floor][:fit_images]
     if not chosen:
-        raise RuntimeError(f"{spec.label}: no confident fit-split image to fit the universal perturbation on")
+        raise RuntimeError(f"{spec.label}: no confident fit- or threshold-split image to fit the universal perturbation on")
     indices = [pool[k] for k in chosen]
     labels = labels[chosen]
     attack = make_attack(spec.attack, runtime.attack_model(spec), seed=spec.seed_for(config.seed, -1),

@@ -59,7 +59,9 @@ class Explanation:
 
     @property
     def adversarial(self) -> bool | None:
-        return None if self.threshold is None else bool(self.score > self.threshold)
+        from detector.detector import exceeds
+
+        return None if self.threshold is None else bool(exceeds(np.asarray(self.score), self.threshold))
 
     def top(self, k: int = 5, logits: np.ndarray | None = None) -> list[tuple[str, int, float]]:
         z = self.logits if logits is None else logits

@@ -1,9 +1,14 @@
 """``advsentry calibrate``: threshold calibration jobs (``run``, ``merge``, ``verify``, ``traffic``).
 
 ``calibrate run`` attacks clean images with the chosen attacks, scores clean
-and adversarial images exactly as the sidecar will, fits the threshold on one
-split and reports the held-out FPR, and writes the artifact ``advsentry serve
---calibration`` loads plus an HTML report. Work is kept in ``--work-dir``: a
+and adversarial images exactly as the sidecar will, splits the clean images by
+their originals (photos, files) into three splits (fit: what
+``--refit-combiner`` / ``--refit-signals`` fit on; threshold, ``--threshold-split``:
+where the threshold is set; held-out, ``--holdout``: where the realized FPR is
+measured), prints for each target FPR the threshold, the split that set it and
+the realized held-out FPR with its exact interval beside the target, and
+writes the artifact ``advsentry serve --calibration`` loads plus an HTML
+report. Work is kept in ``--work-dir``: a
 killed run resumes where it stopped; ``--shard i/n`` computes one part and
 ``calibrate merge`` combines the parts into the artifact a single run gives.
 ``calibrate verify`` checks an artifact (schema, checksum, and optionally
@@ -22,9 +27,11 @@ them in the artifact (``off``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
+
+from .exits import EXIT_CALIBRATION_ERROR, EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_USAGE, fail
 
 calibrate_app = typer.Typer(
     name="calibrate",
@@ -34,11 +41,6 @@ calibrate_app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _shard(text: str | None) -> tuple[int, int]:
     if text is None:
         return 0, 1
@@ -46,27 +48,28 @@ def _shard(text: str | None) -> tuple[int, int]:
     try:
         value = int(index), int(count)
     except ValueError:
-        _fail(f"--shard must look like i/n (e.g. 0/4), got {text!r}", 2)
+        fail(f"--shard must look like i/n (e.g. 0/4), got {text!r}", EXIT_USAGE)
     if not sep or not 0 <= value[0] < value[1]:
-        _fail(f"--shard must be i/n with 0 <= i < n, got {text!r}", 2)
+        fail(f"--shard must be i/n with 0 <= i < n, got {text!r}", EXIT_USAGE)
     return value
 
 
 def _summary(artifact) -> str:  # type: ignore[no-untyped-def]
-    """Threshold, held-out FPR with its exact interval, and per attack the AUC (by source) and TPR at the threshold."""
-    from detector.calibrate.report import auc_text, held_out_fpr_text, rate_text
+    """Threshold; per target FPR the split that set it and the realized held-out FPR (exact interval) beside the target;
+    per attack the AUC (by source) and TPR at the threshold."""
+    from detector.calibrate.report import auc_text, operating_point_line, rate_text
 
     lines = [f"calibration {artifact.id}: threshold {artifact.threshold:.6f} (target FPR {artifact.target_fpr})"]
     size = artifact.data.get("sample_size") or {}
     if size:
-        lines.append(f"  clean images: {size.get('clean_fit')} fit ({size.get('sources_fit')} sources), "
-                     f"{size.get('clean_holdout')} held-out ({size.get('sources_holdout')} sources)"
+        threshold = (f"{size.get('clean_threshold')} threshold ({size.get('sources_threshold')} sources), "
+                     if "clean_threshold" in size else "")
+        mixed = f", {size['clean_mixed']} mixing splits (unused)" if size.get("clean_mixed") else ""
+        lines.append(f"  clean images: {size.get('clean_fit')} fit ({size.get('sources_fit')} sources), {threshold}"
+                     f"{size.get('clean_holdout')} held-out ({size.get('sources_holdout')} sources){mixed}"
                      + ("" if size.get("sufficient", True) else "  << BELOW THE MINIMUMS, see the warning"))
     for point in artifact.results.get("operating_points", ()):
-        lines.append(
-            f"  target FPR {point['target_fpr']:g}: threshold {point['threshold']:.6f}, held-out FPR "
-            f"{held_out_fpr_text(point)}"
-        )
+        lines.append(f"  {operating_point_line(point)}")
     primary = f"{artifact.target_fpr:g}" if artifact.target_fpr is not None else None
     for label, attack in (artifact.results.get("attacks") or {}).items():
         if "detection" not in attack:
@@ -100,7 +103,8 @@ def run(
     crops_per_photo: Annotated[int, typer.Option(min=1, help="Bundled photos: random crops per photo.")] = 2,
     min_confidence: Annotated[Optional[float], typer.Option(help="Keep clean images whose top-1 probability is at least this (default 0.3 bundled, 0 user images).")] = None,
     image_size: Annotated[int, typer.Option(min=8, help="Images are centre-cropped and resized to this side.")] = 224,
-    holdout: Annotated[float, typer.Option(help="Fraction of sources (photos/files) held out to measure the FPR.")] = 0.5,
+    holdout: Annotated[float, typer.Option(help="Share of originals (photos/files) held out to measure the realized FPR (and the per-attack results).")] = 0.5,
+    threshold_split: Annotated[float, typer.Option(help="Share of originals (photos/files) whose clean images set the threshold and nothing else; the rest (1 - holdout - threshold split) is the fit split that --refit-combiner / --refit-signals fit on. Apart because a refitted combiner makes its own training images look cleaner than new ones, so a threshold set on them is too low. Without a refit the threshold is set on the fit and threshold splits together.")] = 0.25,
     attack: Annotated[Optional[list[str]], typer.Option("--attack", help="NAME[:key=value,...] (repeatable); keys: the attack's params, as=, targeted=, transfer=, limit=.")] = None,
     quantize: Annotated[bool, typer.Option("--quantize/--no-quantize", help="Adversarials on the 8-bit grid.")] = True,
     detector: Annotated[str, typer.Option(help="Detector signals/combiner: default (the corpus study's choice), fixed-signals (its choice without learned signals), entropy-9photo (the 9-photo study's), paper, or an artifact FILE.")] = "default",
@@ -127,9 +131,9 @@ def run(
         raise typer.Exit(0)
     parts = _shard(shard)
     if parts[1] == 1 and out is None:
-        _fail("--out is required (unless --shard i/n, whose parts `calibrate merge` combines)", 2)
+        fail("--out is required (unless --shard i/n, whose parts `calibrate merge` combines)", EXIT_USAGE)
     if parts[1] > 1 and work_dir is None:
-        _fail("--shard needs --work-dir (where this part's units go)", 2)
+        fail("--shard needs --work-dir (where this part's units go)", EXIT_USAGE)
     work = work_dir or Path(f"{out}.work")
 
     from detector.calibrate import DEFAULT_ATTACKS, AttackSpec, JobConfig, JobConfigError, run_calibration
@@ -143,13 +147,13 @@ def run(
             images=tuple(str(p) for p in images or ()), clean_source=clean_source,
             corpus=str(corpus) if corpus else None, max_images=max_images,
             crops_per_photo=crops_per_photo, min_confidence=min_confidence,
-            image_size=image_size, holdout=holdout,
+            image_size=image_size, holdout=holdout, threshold_split=threshold_split,
             attacks=tuple(AttackSpec.parse(text) for text in (attack or DEFAULT_ATTACKS)), quantize=quantize,
             detector=detector, refit_combiner=refit_combiner, refit_signals=refit_signals, target_fprs=tuple(target_fpr or (0.05,)),
             n_boot=n_boot, seed=seed, chunk_size=chunk_size,
         )
     except JobConfigError as error:
-        _fail(str(error), 2)
+        fail(str(error), EXIT_USAGE)
     _check_policy(min_samples)
     _execute(lambda: run_calibration(config, work, out=out, report=report, shard=parts, device=device, progress=progress,
                                      min_samples=min_samples),
@@ -160,25 +164,24 @@ def _check_policy(min_samples: str) -> None:
     from detector.calibrate import POLICIES
 
     if min_samples not in POLICIES:
-        _fail(f"--min-samples must be one of {', '.join(POLICIES)}, got {min_samples!r}", 2)
+        fail(f"--min-samples must be one of {', '.join(POLICIES)}, got {min_samples!r}", EXIT_USAGE)
 
 
 def _execute(action, out, report, parts) -> None:  # type: ignore[no-untyped-def]
     from detector.calibrate import IncompleteJobError, JobConfigError, WorkDirError
     from detector.calibrate.triton_query import TritonEndpointError
     from detector.calibration import CalibrationError
-    from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
 
     try:
         result = action()
     except JobConfigError as error:
-        _fail(str(error), 2)
+        fail(str(error), EXIT_USAGE)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, CalibrationError):
-            _fail(str(error), EXIT_CALIBRATION_ERROR)
-        _fail(str(error), EXIT_INPUT_ERROR)
+            fail(str(error), EXIT_CALIBRATION_ERROR)
+        fail(str(error), EXIT_INPUT_ERROR)
     except (IncompleteJobError, WorkDirError, TritonEndpointError) as error:
-        _fail(str(error), 1)
+        fail(str(error), EXIT_FAILURE)
     if parts[1] > 1:
         typer.echo(f"shard {parts[0]}/{parts[1]}: {result.computed} unit(s) computed, {result.reused} reused", err=True)
         return
@@ -209,7 +212,6 @@ def verify(
 ) -> None:
     """Check an artifact as the sidecar does (schema, checksum, model and detector match). Exit 4 if refused."""
     from detector.calibration import CalibrationArtifact, CalibrationError
-    from service.cli import EXIT_CALIBRATION_ERROR
 
     try:
         loaded = CalibrationArtifact.load(artifact)
@@ -227,7 +229,7 @@ def verify(
         if problems:
             raise CalibrationError(f"{artifact} does not match: " + "; ".join(problems))
     except CalibrationError as error:
-        _fail(str(error), EXIT_CALIBRATION_ERROR)
+        fail(str(error), EXIT_CALIBRATION_ERROR)
     typer.echo(_summary(loaded))
     typer.echo(f"model {loaded.model.name} sha256 {loaded.model.weights_sha256}; maps {', '.join(loaded.features)}; "
                f"combiner {loaded.combiner.kind}: OK")
@@ -266,25 +268,24 @@ def traffic(
     from service.traffic_calibration import TrafficCalibrationError, calibrate_from_traffic, write
     from detector.calibration import CalibrationArtifact, CalibrationError
     from detector.detector import resolve_artifact
-    from service.cli import EXIT_CALIBRATION_ERROR
 
     pairs = []
     for item in metadata or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _fail(f"--metadata must be KEY=VALUE, got {item!r}", 2)
+            fail(f"--metadata must be KEY=VALUE, got {item!r}", EXIT_USAGE)
         pairs.append((key.lower(), value))
     try:
         base_path = resolve_artifact(base or "default")
         base_artifact = CalibrationArtifact.load(base_path)
     except CalibrationError as error:
-        _fail(str(error), EXIT_CALIBRATION_ERROR)
+        fail(str(error), EXIT_CALIBRATION_ERROR)
     try:
         result = calibrate_from_traffic([s.strip() for s in sources.split(",") if s.strip()], target_fpr=target_fpr,
                                         base=base_artifact, base_source=base or "default", model=model, trim=trim,
                                         metadata=pairs, ca_file=ca_file)
     except TrafficCalibrationError as error:
-        _fail(str(error), 2)
+        fail(str(error), EXIT_USAGE)
     info = result.artifact.data["traffic"]
     if not info["sufficient"]:
         typer.echo(f"WARNING: {result.scores} scores: fewer than 10 expected above the threshold at target FPR "
