@@ -40,7 +40,7 @@ def _serialize_round_trip(maps: dict[str, torch.Tensor]) -> dict[str, np.ndarray
     """Backend side: numpy + raw bytes in a response; sidecar side: parse, view, copy (as ``ModelDetector.score``)."""
     from tritonclient.grpc import service_pb2
 
-    from service.inference import output_array
+    from service.core.requests import output_array
 
     response = service_pb2.ModelInferResponse(model_name="m")
     for name, tensor in maps.items():

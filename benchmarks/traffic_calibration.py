@@ -133,7 +133,7 @@ def run_scenario(dev_clean: np.ndarray, test_clean: np.ndarray, data: dict[str, 
     from detector.calibrate.intervals import rate_interval
     from service.traffic_calibration import calibrate_from_traffic, quantile_level
     from detector.detector import DEFAULT_ARTIFACT
-    from service.traffic import TrafficState
+    from service.hooks.traffic import TrafficState
 
     model = "efficientnet-lite0"
     dev_adv = np.concatenate(list(data["adversarial"]["dev"].values()))

@@ -4,12 +4,9 @@ Subcommand modules live in ``service/commands/`` and import their heavy
 dependencies (torch, Triton) inside the command body, so ``advsentry --help``
 stays fast.
 
-Exit codes (all subcommands):
-  0  success
-  2  usage error (unknown option, bad value)
-  3  input error (missing or unreadable image, unsupported image mode)
-  4  calibration error (artifact malformed, tampered with, or for another model/config)
-  1  any other failure
+Exit codes (all subcommands): see ``service/commands/exits.py`` (0 ok, 2
+usage, 3 input, 4 calibration, 1 other); every command fails through its
+``fail()``.
 """
 
 from __future__ import annotations
@@ -18,14 +15,14 @@ import typer
 
 from service.commands import attack as _attack_cmd
 from service.commands import calibrate as _calibrate_cmd
+from service.commands import explain as _explain_cmd
 from service.commands import export_model as _export_model_cmd
+from service.commands import probe as _probe_cmd
 from service.commands import score as _score_cmd
 from service.commands import serve as _serve_cmd
-from service.commands import explain as _explain_cmd  # issue 14
-from service.commands import probe as _probe_cmd  # issue 14
+from service.commands.exits import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR, EXIT_USAGE  # noqa: F401 - re-exported
 
-EXIT_INPUT_ERROR = 3
-EXIT_CALIBRATION_ERROR = 4
+__all__ = ["EXIT_CALIBRATION_ERROR", "EXIT_INPUT_ERROR", "EXIT_USAGE", "app", "main"]
 
 app = typer.Typer(
     name="advsentry",
@@ -47,8 +44,8 @@ _attack_cmd.register(app)
 _serve_cmd.register(app)
 _export_model_cmd.register(app)
 _calibrate_cmd.register(app)
-_explain_cmd.register(app)  # issue 14
-_probe_cmd.register(app)  # issue 14
+_explain_cmd.register(app)
+_probe_cmd.register(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point convenience

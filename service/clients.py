@@ -1,4 +1,4 @@
-"""Who is calling: one :class:`~service.observe.ClientIdentity` per request.
+"""Who is calling: one :class:`~service.hooks.base.ClientIdentity` per request.
 
 Per-client state (probing history, per-client in-flight limits) and trust
 (which callers may see scores) key on it. The order is the order of how much
@@ -11,6 +11,14 @@ is trusted when its identity key is listed in ``trusted_clients`` (e.g.
 ``mtls:ops-dashboard``; a ``metadata:`` or ``peer:`` key is only as strong as
 what sets it), or when it sends one of the ``trusted_metadata`` ``KEY=VALUE``
 pairs (a shared secret header, compared in constant time).
+
+What goes upstream (issue 20): :func:`forwarded_metadata` is the one filter
+every forwarding path uses (ModelInfer, ModelStreamInfer, the pass-through
+RPCs, DetectorService, the library interceptor). It drops the transport
+headers the upstream channel sets itself, every ``trusted_metadata`` key (the
+secret grants score disclosure; anything that logs upstream metadata would
+hold it) and every ``strip_metadata`` key (internal headers of the operator's
+own).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Sequence
 
-from .observe import ANONYMOUS, ClientIdentity
+from .hooks.base import ANONYMOUS, ClientIdentity
 from .settings import Settings
 
 #: auth-context keys grpc fills from a verified client certificate, most specific first
@@ -46,6 +54,25 @@ def peer_host(peer: str | None) -> str | None:
         host, sep, port = peer.rpartition(":")
         return host if sep and port.isdigit() else peer
     return peer  # unix sockets and others: the whole string
+
+
+#: transport headers the upstream channel sets itself
+TRANSPORT_HEADERS = frozenset({":authority", "user-agent", "content-type", "te", "grpc-timeout",
+                               "grpc-accept-encoding", "grpc-encoding", "accept-encoding"})
+
+
+def internal_metadata_keys(settings: Settings) -> frozenset[str]:
+    """Lower-case metadata keys that never leave the process: trusted-caller secrets and ``strip_metadata``."""
+    keys = {pair.partition("=")[0].strip().lower() for pair in settings.trusted_metadata}
+    keys |= {key.strip().lower() for key in settings.strip_metadata}
+    return frozenset(key for key in keys if key)
+
+
+def forwarded_metadata(settings: Settings, metadata: Sequence[tuple[str, str | bytes]] | None
+                       ) -> list[tuple[str, str | bytes]]:
+    """The client's metadata as it may go upstream: no transport headers, no secret, no internal key."""
+    dropped = TRANSPORT_HEADERS | internal_metadata_keys(settings)
+    return [(key, value) for key, value in (metadata or ()) if key.lower() not in dropped]
 
 
 def _sends_trusted_metadata(settings: Settings, metadata: Sequence[tuple[str, str | bytes]]) -> bool:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime as _dt
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
@@ -20,7 +23,12 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _SCORE_BUCKETS = (-8.0, -4.0, -2.0, -1.0, 0.0, *[round(0.25 * i, 2) for i in range(1, 17)], 6.0, 8.0, 16.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
+Part = TypeVar("Part")
+
 LABELS = ("model", "version")
+#: Why a protected model's request left without a verdict: scoring raised; the model does not serve the
+#: detector's signals or maps; its calibration could not be loaded; the detector has no threshold.
+UNSCORED_REASONS = ("scoring_error", "outputs_missing", "calibration_error", "no_threshold")
 
 
 class SidecarMetrics:
@@ -66,6 +74,19 @@ class SidecarMetrics:
         # see the first refusal instead of a series that appears with value 1.
         for result in ("loaded", "refused"):
             self.calibration_reloads.labels(result)
+        self.calibration_reload_failures = Counter(
+            "advsentry_calibration_reload_failures",
+            "Calibration reloads refused because a model could not use the new file, by model and reason "
+            "(invalid_artifact|model_mismatch|outputs_missing); the calibration in force keeps serving. "
+            "model=\"*\": no model was bound to the file yet.",
+            ("model", "reason"), registry=r,
+        )
+        self.unscored = Counter(
+            "advsentry_unscored_requests",
+            "Requests for a protected model answered or refused without a verdict, by model and reason "
+            "(scoring_error|outputs_missing|calibration_error|no_threshold). Fail-open answers are counted here too.",
+            ("model", "reason"), registry=r,
+        )
         self.upstream_latency = Histogram(
             "advsentry_upstream_latency_seconds", "Time in the upstream Triton call.", LABELS,
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -112,20 +133,6 @@ class SidecarMetrics:
             "Exceptions raised by a request hook's observe() (logged; the request is served anyway).",
             ("hook",), registry=r,
         )
-        # --- capture ring (issue 14) ---
-        self.capture_dropped = Counter(
-            "advsentry_capture_dropped",
-            "Flagged requests the capture ring did not keep, by reason (queue_full|too_large|write_error).",
-            ("reason",), registry=r,
-        )
-        for reason in ("queue_full", "too_large", "write_error"):
-            self.capture_dropped.labels(reason)
-        self.capture_written = Counter(
-            "advsentry_capture_written", "Flagged requests written to the capture ring.", registry=r
-        )
-        self.capture_items = Gauge("advsentry_capture_items", "Requests held in the capture ring.", registry=r)
-        self.capture_bytes = Gauge("advsentry_capture_bytes", "Bytes held in the capture ring.", registry=r)
-
         # --- disclosure & load shedding (issue 13) ---
         self.invalid_inputs = Counter(
             "advsentry_invalid_inputs",
@@ -133,65 +140,28 @@ class SidecarMetrics:
             "shadow forward it, flagged).",
             (*LABELS, "policy"), registry=r,
         )
-        self.shed = Counter(
-            "advsentry_shed_requests",
-            "Intercepted requests refused with RESOURCE_EXHAUSTED by load shedding, by limit "
-            "(process|client).",
-            ("reason",), registry=r,
-        )
-        for reason in ("process", "client"):
-            self.shed.labels(reason)
-        self.shed_in_flight = Gauge(
-            "advsentry_admitted_in_flight", "Intercepted requests admitted by load shedding and not yet done.",
-            registry=r,
-        )
+        self._parts: dict[type, object] = {}
+        for part in _hook_metric_parts():  # declared at start: every series exists (at 0) for alerts and panels
+            self.part(part)
 
-        # --- probing detection (issue 12) ---
-        self.probing_flagged_clients = Counter(
-            "advsentry_probing_flagged_clients",
-            "Times a client was flagged as probing (its recent queries sit too close together).",
-            registry=r,
-        )
-        self.probing_detections = Counter(
-            "advsentry_probing_detections",
-            "Probing detections by policy (shadow: metrics only; annotate; reject: cool-down refusals follow).",
-            ("policy",), registry=r,
-        )
-        for policy in ("shadow", "annotate", "reject"):
-            self.probing_detections.labels(policy)
-        self.probing_rejected = Counter(
-            "advsentry_probing_rejected",
-            "Requests refused with PERMISSION_DENIED during a flagged client's cool-down.",
-            registry=r,
-        )
-        self.probing_clients = Gauge(
-            "advsentry_probing_clients", "Clients whose query history the probing detector holds.", registry=r
-        )
-        self.probing_knn_distance = Histogram(
-            "advsentry_probing_knn_distance",
-            "Mean distance of a query's embedding to its client's k nearest previous queries (unit vectors, 0..2).",
-            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0),
-            registry=r,
-        )
+    def part(self, factory: "Callable[[CollectorRegistry], Part]") -> "Part":
+        """The metrics one part (a request hook) defines for itself, registered here the first time they are asked for.
 
-        # --- traffic calibration (issue 12) ---
-        self.traffic_scores = Counter(
-            "advsentry_traffic_scores",
-            "Scores added to the traffic sketch (finite scores of every policy, shadow included).",
-            LABELS, registry=r,
-        )
-        self.traffic_implied_fpr = Gauge(
-            "advsentry_traffic_implied_fpr",
-            "Share of the sketched traffic (retained windows) scoring above the threshold in force: its false "
-            "positive rate on this traffic if the traffic is clean (attacks count too). Updated on each flush.",
-            LABELS, registry=r,
-        )
-        self.traffic_target_fpr = Gauge(
-            "advsentry_traffic_target_fpr",
-            "target_fpr of the calibration artifact in force, NaN when it has none (compare with "
-            "advsentry_traffic_implied_fpr).",
-            LABELS, registry=r,
-        )
+        Why: each hook module owns its series (names, help, labels) next to the
+        code that updates them; the sidecar's registry holds them all.
+        """
+        if factory not in self._parts:
+            self._parts[factory] = factory(self.registry)
+        return self._parts[factory]  # type: ignore[return-value]
+
+    def declare_model(self, model: str) -> None:
+        """Create a protected model's failure series at 0, so alerts on increase() see their first event."""
+        from .core.detectors import RELOAD_FAILURE_REASONS
+
+        for reason in RELOAD_FAILURE_REASONS:
+            self.calibration_reload_failures.labels(model, reason)
+        for reason in UNSCORED_REASONS:
+            self.unscored.labels(model, reason)
 
     def observe_detector_call(self, model: str, inputs: int, requests: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(inputs)
@@ -238,3 +208,13 @@ def _parse_timestamp(value: str | None) -> float | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=_dt.timezone.utc)
     return parsed.timestamp()
+
+
+def _hook_metric_parts() -> list[type]:
+    """The metrics classes of the request hooks (``service/hooks/``), imported late: the hooks import this module."""
+    from .hooks.capture import CaptureMetrics
+    from .hooks.probing import ProbingMetrics
+    from .hooks.shedding import SheddingMetrics
+    from .hooks.traffic import TrafficMetrics
+
+    return [SheddingMetrics, CaptureMetrics, ProbingMetrics, TrafficMetrics]

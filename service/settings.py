@@ -32,8 +32,10 @@ class ScoringFailure(str, Enum):
     """What happens to a request whose feature response could not be scored.
 
     ``open``: forward the model output with ``advsentry_error`` set (availability
-    first: a detector fault does not become an outage). ``closed``: answer
-    INTERNAL and withhold the output (security first; use it with ``reject``).
+    first: a detector fault does not become an outage). ``closed``: refuse the
+    request and withhold the output (security first; the default under
+    ``reject``, see :meth:`Settings.scoring_failure_for`). Either way the request
+    is counted in ``advsentry_unscored_requests_total`` and logged.
     """
 
     open = "open"
@@ -73,7 +75,7 @@ class Disclosure(str, Enum):  # --- disclosure & load shedding (issue 13) ---
 
 
 class ProbingPolicy(str, Enum):  # --- probing (issue 12) ---
-    """What the sidecar does when a client's queries look like a black-box attack (service/probing.py)."""
+    """What the sidecar does when a client's queries look like a black-box attack (service/hooks/probing.py)."""
 
     off = "off"
     shadow = "shadow"  # metrics only
@@ -82,14 +84,16 @@ class ProbingPolicy(str, Enum):  # --- probing (issue 12) ---
 
 
 def _shipped_or_path(value: Any) -> Any:
-    """A shipped detector's name (``default``, ``fixed-signals``, ``entropy-9photo``) → its artifact; else the path.
+    """A shipped detector's name (``default``, ``fixed-signals``, ``entropy-9photo``, ``paper``) → its location; else the path.
 
-    An existing file of that name wins. The detector package (torch) is imported only for a name to resolve.
+    The one resolver (:func:`detector.detector.artifact_location`): an existing
+    file of that name wins; ``paper`` (no artifact) stays ``paper``. The
+    detector package (torch) is imported only for a name to resolve.
     """
     if isinstance(value, (str, Path)) and str(value) and "/" not in str(value) and not Path(value).exists():
-        from detector.detector import NAMED_ARTIFACTS
+        from detector.detector import artifact_location
 
-        return NAMED_ARTIFACTS.get(str(value), value)
+        return artifact_location(value)
     return value
 
 
@@ -111,18 +115,45 @@ class ModelProtection(BaseModel):
     )
 
 
-class Settings(BaseSettings):
-    """advsentry sidecar settings (flags > ADVSENTRY_* env > YAML file > defaults)."""
-
-    model_config = SettingsConfigDict(env_prefix="ADVSENTRY_", env_nested_delimiter="__", extra="forbid")
+class ListenerSettings(BaseModel):
+    """Where the sidecar listens and how its gRPC server behaves."""
 
     host: str = Field(default="0.0.0.0", description="Address the gRPC listener binds.")
     port: int = Field(default=8001, ge=0, le=65535, description="gRPC listener port (KServe-v2 + advsentry API).")
     metrics_port: int = Field(default=8002, ge=0, le=65535, description="Prometheus /metrics HTTP port (0: off).")
     metrics_host: str = Field(default="0.0.0.0", description="Address the metrics HTTP server binds.")
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+    )
+    shutdown_grace_s: float = Field(default=10.0, ge=0, description="Time in-flight calls get to finish on stop.")
+    stream_max_in_flight: int = Field(
+        default=32, ge=1, description="Messages of one ModelStreamInfer/DetectStream stream in progress at once; the "
+        "next message is read only when one finishes, so a cancelled stream leaves at most this many to drop.",
+    )
+    log_level: str = Field(default="INFO", description="Python log level.")
+
+
+class UpstreamSettings(BaseModel):
+    """The Triton the sidecar fronts (or the embedded one it starts), and what it is sent."""
+
     upstream: str | None = Field(
         default=None, description="Triton gRPC HOST:PORT to front; unset: start an embedded Triton."
     )
+    upstream_timeout_s: float = Field(default=30.0, gt=0, description="Deadline for one upstream call.")
+    health_poll_s: float = Field(default=2.0, gt=0, description="Upstream readiness poll interval.")
+    embedded_model_repository: Path | None = Field(
+        default=None, description="Model repository for the embedded Triton; default: export the bundled model."
+    )
+    embedded_max_batch_size: int = Field(default=8, ge=1, description="max_batch_size of the embedded model.")
+    strip_metadata: list[str] = Field(
+        default_factory=list, description="gRPC metadata keys never forwarded upstream (internal headers); the "
+        "trusted_metadata keys are always stripped too.",
+    )
+
+
+class DetectionSettings(BaseModel):
+    """Which models are protected, by which calibration and policy, and how scoring runs."""
+
     calibration: CalibrationPath | None = Field(default=None, description="Calibration artifact (JSON) for protected models, "
                                      "or a shipped detector's name (default, fixed-signals, entropy-9photo): with the "
                                      "embedded Triton, the model serves that detector's signals.")
@@ -130,8 +161,9 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="How often the calibration file is checked for changes (hot reload)."
     )
     policy: Policy = Field(default=Policy.annotate, description="annotate | reject | shadow.")
-    scoring_failure: ScoringFailure = Field(
-        default=ScoringFailure.open, description="open (forward, flag the error) | closed (INTERNAL)."
+    scoring_failure: ScoringFailure | None = Field(
+        default=None, description="A protected request without a verdict: open (forward, advsentry_error set) | "
+        "closed (refused). Unset: closed for models under policy reject, open otherwise.",
     )
     models: dict[str, ModelProtection] = Field(
         default_factory=dict, description="Protected models and their per-model settings."
@@ -150,13 +182,11 @@ class Settings(BaseSettings):
         description="auto (in Triton when the model serves the matching entropy output) | sidecar (always here).",
     )
     device: str = Field(default="cpu", description="torch device for scoring (cpu, cuda, cuda:1).")
-    upstream_timeout_s: float = Field(default=30.0, gt=0, description="Deadline for one upstream call.")
-    max_message_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
-    )
-    shutdown_grace_s: float = Field(default=10.0, ge=0, description="Time in-flight calls get to finish on stop.")
-    health_poll_s: float = Field(default=2.0, gt=0, description="Upstream readiness poll interval.")
-    # --- TLS (issue 13) ---
+
+
+class TlsSettings(BaseModel):
+    """TLS on the listener (and mTLS) and towards the upstream (issue 13)."""
+
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate (chain) of the gRPC listener; set: TLS on, plaintext refused."
     )
@@ -182,17 +212,16 @@ class Settings(BaseSettings):
     tls_reload_interval_s: float = Field(
         default=5.0, gt=0, description="How often changed TLS files are looked for (hot reload, both sides)."
     )
-    embedded_model_repository: Path | None = Field(
-        default=None, description="Model repository for the embedded Triton; default: export the bundled model."
-    )
-    embedded_max_batch_size: int = Field(default=8, ge=1, description="max_batch_size of the embedded model.")
-    # --- client identity (shared by disclosure, load shedding, probing) ---
+
+
+class DisclosureSettings(BaseModel):
+    """Who the caller is and what it may learn (issue 13)."""
+
     client_id_metadata_key: str | None = Field(
         default=None,
         description="gRPC metadata key naming the client (e.g. x-client-id) when no mTLS subject is present; "
         "only trust it behind a gateway that sets it. Unset: the peer address identifies the client.",
     )
-    # --- disclosure & load shedding (issue 13) ---
     disclosure: Disclosure = Field(
         default=Disclosure.verdict,
         description="What clients learn: none (no advsentry_* parameters) | verdict (flags only) | "
@@ -213,6 +242,11 @@ class Settings(BaseSettings):
         description="Serve advsentry.v1.DetectorService (Detect returns scores: with disclosure other than "
         "score only trusted callers may call it).",
     )
+
+
+class SheddingSettings(BaseModel):
+    """Load shedding (service/hooks/shedding.py)."""
+
     max_in_flight: int = Field(
         default=256, ge=0, description="Most intercepted requests in progress per process; beyond it "
         "RESOURCE_EXHAUSTED at once (0: no limit).",
@@ -220,11 +254,15 @@ class Settings(BaseSettings):
     max_in_flight_per_client: int = Field(
         default=64, ge=0, description="Most intercepted requests in progress per client identity (0: no limit).",
     )
-    # --- capture (issue 14) ---
+
+
+class CaptureSettings(BaseModel):
+    """The ring of flagged requests (service/hooks/capture.py, issue 14)."""
+
     capture_dir: Path | None = Field(
         default=None,
         description="Keep flagged requests (input tensors, scores, signals, request id) in this directory "
-        "for `advsentry explain --capture`; unset: off. Captured inputs are user data (see README).",
+        "for `advsentry explain --capture`; unset: off. Captured inputs are user data (see docs/security.md).",
     )
     capture_max_items: int = Field(default=1000, ge=1, description="Most requests the capture ring keeps.")
     capture_max_bytes: int = Field(
@@ -240,7 +278,11 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Flagged requests waiting for the capture writer; beyond it they are "
         "dropped (advsentry_capture_dropped_total), never waited for.",
     )
-    # --- probing (issue 12) ---
+
+
+class ProbingSettings(BaseModel):
+    """Per-client probing detection (service/hooks/probing.py, issue 12)."""
+
     probing_policy: ProbingPolicy = Field(
         default=ProbingPolicy.shadow,
         description="Stateful probing detection per client: off | shadow (metrics only) | annotate "
@@ -266,7 +308,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Client identity keys never flagged (benign bursty clients, e.g. video "
         "frames): mtls:<subject>, metadata:<value>, peer:<host>.",
     )
-    # --- traffic calibration (issue 12) ---
+
+
+class TrafficSettings(BaseModel):
+    """Traffic score sketches (service/hooks/traffic.py, issue 12)."""
+
     traffic_sketch: bool = Field(
         default=True, description="Keep a quantile sketch (DDSketch) of scores per model and calibration, in every "
         "policy: GetStatus and advsentry_traffic_implied_fpr report the share of traffic above the threshold; "
@@ -289,7 +335,21 @@ class Settings(BaseSettings):
         default=0.005, gt=0, lt=1, description="DDSketch relative accuracy: every quantile within this fraction "
         "of the exact value (sketches of different accuracies do not merge).",
     )
-    log_level: str = Field(default="INFO", description="Python log level.")
+
+
+class Settings(ListenerSettings, UpstreamSettings, DetectionSettings, TlsSettings, DisclosureSettings,
+               SheddingSettings, CaptureSettings, ProbingSettings, TrafficSettings, BaseSettings):
+    """advsentry sidecar settings (flags > ADVSENTRY_* env > YAML file > defaults).
+
+    One flat namespace of keys (``port``, ``probing_k``: the same in flags, env
+    and the YAML file) whose fields are declared by feature in the classes
+    above, so each part's settings read together and a part can be typed
+    against its own group (e.g. the probing hook against
+    :class:`ProbingSettings`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ADVSENTRY_", env_nested_delimiter="__", extra="forbid")
+
     config_file: Path | None = Field(default=None, description="YAML settings file (ADVSENTRY_CONFIG_FILE).")
 
     @field_validator("upstream")
@@ -309,6 +369,16 @@ class Settings(BaseSettings):
             m.calibration for m in self.models.values()
         ):
             raise ValueError("policy 'reject' needs a calibration artifact (--calibration) for its threshold")
+        # ``paper`` (the seed's single-map detector) has no threshold: under reject nothing would be refused
+        rejecting = [None] if self.policy is Policy.reject else []
+        rejecting += [name for name, m in self.models.items() if self.policy_for(name) is Policy.reject]
+        for name in rejecting:
+            protection = self.models.get(name) if name else None
+            calibration = protection.calibration if protection and protection.calibration else self.calibration
+            if calibration is not None and str(calibration) == "paper":
+                where = f"model {name!r}" if name else "the global policy"
+                raise ValueError(f"policy 'reject' ({where}) needs a threshold: the 'paper' detector has none; "
+                                 "use a calibration artifact or a calibrated shipped detector (default)")
         return self
 
     @model_validator(mode="after")
@@ -364,6 +434,17 @@ class Settings(BaseSettings):
     def policy_for(self, model_name: str) -> Policy:
         protection = self.models.get(model_name)
         return protection.policy if protection and protection.policy else self.policy
+
+    def scoring_failure_for(self, model_name: str) -> ScoringFailure:
+        """An explicit ``scoring_failure`` wins; unset: closed where the model's policy is reject, else open.
+
+        Why: ``reject`` is chosen to keep flagged inputs from the model, so a
+        request it cannot score must not reach it either; ``annotate`` and
+        ``shadow`` put availability first and flag the error instead.
+        """
+        if self.scoring_failure is not None:
+            return self.scoring_failure
+        return ScoringFailure.closed if self.policy_for(model_name) is Policy.reject else ScoringFailure.open
 
 
 class _YamlFromSetting(PydanticBaseSettingsSource):

@@ -1,6 +1,6 @@
 """``advsentry calibrate traffic``: a threshold from the score sketches the sidecars kept of live traffic (issue 12).
 
-It lives in ``service/`` beside the sketches it reads (``service/traffic.py``)
+It lives in ``service/``, beside the hooks whose sketches it reads (``service/hooks/traffic.py``)
 because it talks to running sidecars over their gRPC API; ``detector/`` stays
 free of the service.
 
@@ -45,7 +45,7 @@ from typing import Any
 
 from detector.calibration import CalibrationArtifact
 
-from .traffic import TrafficState, TrafficStateError, fraction_above, merge_states, quantile, write_atomic
+from .hooks.traffic import TrafficState, TrafficStateError, fraction_above, merge_states, quantile, write_atomic
 
 #: fewer expected scores above the threshold than this and the quantile is mostly noise
 MIN_EXPECTED_ABOVE = 10
@@ -77,7 +77,7 @@ def _is_endpoint(text: str) -> bool:
 
 def read_source(source: str, *, model: str | None = None, metadata: Sequence[tuple[str, str]] = (),
                 ca_file: Path | None = None, timeout_s: float = 30.0) -> TrafficState:
-    """One source's :class:`~service.traffic.TrafficState`: a state file, or a sidecar's ``GetTrafficState``."""
+    """One source's :class:`~service.hooks.traffic.TrafficState`: a state file, or a sidecar's ``GetTrafficState``."""
     try:
         if not _is_endpoint(source):
             return TrafficState.load(source)

@@ -20,7 +20,7 @@ import time
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from .inference import ModelSpec, RequestError
+from .core.requests import ModelSpec, RequestError
 from .tls import ClientTls, ReloadingChannel
 
 

@@ -155,3 +155,60 @@ def start_team_server(loop: "LoopThread", interceptor, triton_address: str) -> t
         return server, port
 
     return loop.run(start())
+
+
+class RecordingTap:
+    """A real gRPC hop between the sidecar and Triton that records every call (and can slow ModelInfer).
+
+    Bytes in, bytes out for every unary method of ``inference.GRPCInferenceService`` (the sidecar sends
+    stream messages upstream as unary ModelInfer calls), so what Triton receives is exactly what the
+    sidecar sent. ``calls`` holds ``(method, metadata dict, monotonic start time)`` per call.
+    """
+
+    def __init__(self, upstream: str, *, infer_delay_s: float = 0.0) -> None:
+        import time
+
+        import grpc
+        from tritonclient.grpc import service_pb2
+
+        self.calls: list[tuple[str, dict[str, str], float]] = []
+        self.infer_delay_s = infer_delay_s
+        self.loop = LoopThread()
+        methods = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+        service = "inference.GRPCInferenceService"
+
+        async def build():
+            channel = grpc.aio.insecure_channel(upstream)
+
+            def handler(method: str):
+                call = channel.unary_unary(f"/{service}/{method}")
+
+                async def forward(request: bytes, context):
+                    metadata = {k: (v if isinstance(v, str) else v.decode()) for k, v in context.invocation_metadata()}
+                    self.calls.append((method, metadata, time.monotonic()))
+                    if method == "ModelInfer" and self.infer_delay_s:
+                        await asyncio.sleep(self.infer_delay_s)
+                    try:
+                        return await call(request, timeout=30)
+                    except grpc.aio.AioRpcError as error:
+                        await context.abort(error.code(), error.details() or "")
+
+                return grpc.unary_unary_rpc_method_handler(forward)
+
+            handlers = {name: handler(name) for name, m in methods.items() if not m.client_streaming}
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, channel, port
+
+        self.server, self.channel, self.port = self.loop.run(build())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def methods(self) -> list[str]:
+        return [method for method, _, _ in self.calls]
+
+    def stop(self) -> None:
+        self.loop.run(self.server.stop(None))
+        self.loop.run(self.channel.close())
+        self.loop.close()

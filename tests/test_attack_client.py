@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from e2e_triton import RunningSidecar, export_small_cnn, make_settings, wait_for
-from service.observe import RequestHook
+from service.hooks.base import RequestHook
 
 
 class ClientRecorder(RequestHook):

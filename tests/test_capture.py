@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.capture import CaptureHook, CaptureRing, capture_hook_from_settings, load_captured
+from service.hooks.capture import CaptureHook, CaptureRing, capture_hook_from_settings, load_captured
 from service.metrics import SidecarMetrics
-from service.observe import RequestContext, ScoredRequest
+from service.hooks.base import RequestContext, ScoredRequest
 
 
 def _disk(directory: Path) -> tuple[int, int]:
@@ -137,7 +137,7 @@ def test_full_queue_drops_and_counts_and_never_blocks(tmp_path):
 
 
 def test_capture_is_off_by_default_and_built_from_settings(tmp_path):
-    from service.grpc.server import request_hooks
+    from service.hooks.registry import request_hooks
     from service.settings import Settings
 
     assert not any(isinstance(h, CaptureHook) for h in request_hooks(Settings(), SidecarMetrics()))

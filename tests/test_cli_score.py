@@ -68,3 +68,20 @@ def test_bad_calibration_exits_4_and_no_input_exits_2(tmp_path):
     assert result.returncode == 4 and "schema" in result.stderr
     result = _run("score")
     assert result.returncode == 2 and "--bundled" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["paper", "fixed-signals"])
+def test_score_takes_a_shipped_detectors_name_like_serve(tmp_path, name):
+    """issue 20 item 5: ``--calibration paper`` was "no such file"; one resolver serves every command."""
+    Image.fromarray(load_photo("coffee")).save(tmp_path / "coffee.png")
+    result = _run("score", "--json", "--calibration", name, str(tmp_path / "coffee.png"))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    if name == "paper":  # the seed's single-map detector: a score, no threshold, so no verdict
+        assert record["adversarial"] is None and record["threshold"] is None and record["calibration"] is None
+        assert list(record["signals"]) == ["feature_response"]
+    else:
+        assert record["calibration"].startswith("cal-") and record["adversarial"] == (record["score"] > record["threshold"])
+    bad = _run("score", "--calibration", "no-such-detector", str(tmp_path / "coffee.png"))
+    assert bad.returncode == 4 and "default" in bad.stderr and "paper" in bad.stderr, bad.stderr

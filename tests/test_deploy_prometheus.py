@@ -42,7 +42,9 @@ EXPECTED_ALERTS = {
     "AdvsentryUpstreamNotReady",
     "AdvsentryAddedLatencyOverBudget",
     "AdvsentryCalibrationStale",
-    "AdvsentryCalibrationRefused",
+    "AdvsentryCalibrationReloadFailed",  # hot reload fails closed (issue 20)
+    "AdvsentryUnscoredRequests",  # no protected request without a verdict unnoticed (issue 20)
+    "AdvsentryNoThreshold",
     "AdvsentryMetricsDown",
     "AdvsentryProbingClient",  # probing detection (issue 12)
     "AdvsentrySheddingRequests",  # load shedding (issue 13)
@@ -411,8 +413,8 @@ def test_attack_fires_alert_and_every_rule_and_panel_returns_data(stack, capsys)
     # legitimately react to the attack or to a loaded test machine.)
     firing = {a["labels"]["alertname"] for a in prometheus.alerts() if a["state"] == "firing"}
     unrelated = {"AdvsentryUpstreamNotReady", "AdvsentryMetricsDown", "AdvsentryCalibrationStale",
-                 "AdvsentryCalibrationRefused", "AdvsentryScoringFailures", "AdvsentryServerErrors",
-                 "AdvsentrySheddingRequests"}
+                 "AdvsentryCalibrationReloadFailed", "AdvsentryScoringFailures", "AdvsentryServerErrors",
+                 "AdvsentrySheddingRequests", "AdvsentryUnscoredRequests", "AdvsentryNoThreshold"}
     assert not firing & unrelated, firing
 
 
@@ -422,7 +424,8 @@ def test_promtool_check_metrics_on_live_sidecar(stack):
     with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read()
     for name in ("advsentry_inputs_total", "advsentry_score_bucket", "advsentry_calibration_created_timestamp_seconds",
-                 'advsentry_calibration_reloads_total{result="refused"}', "advsentry_upstream_ready"):
+                 'advsentry_calibration_reloads_total{result="refused"}', "advsentry_upstream_ready",
+                 "advsentry_calibration_reload_failures_total", "advsentry_unscored_requests_total"):
         assert name.encode() in text, f"{name} missing from /metrics"
     result = subprocess.run([_binary("promtool"), "check", "metrics"], input=text, capture_output=True)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()

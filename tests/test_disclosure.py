@@ -129,7 +129,7 @@ def test_none_says_nothing_but_reject_still_rejects(triton, photos, calibration)
 
 def test_rejection_names_request_id_not_score_and_logs_the_detail(triton, photos, calibration, caplog):
     _, adversarial = photos
-    caplog.set_level(logging.INFO, logger="service.inference")
+    caplog.set_level(logging.INFO, logger="service.core.inference")
     running = _start(triton, calibration=calibration, policy="reject")
     try:
         error = _rejected(running.address, adversarial)
@@ -177,7 +177,7 @@ def test_score_disclosure_and_trusted_callers_see_scores(triton, photos, calibra
 
 
 def test_hook_parameters_go_through_the_disclosure_filter(triton, photos):
-    from service.observe import RequestHook
+    from service.hooks.base import RequestHook
 
     class Flagging(RequestHook):
         name = "test-flagging"

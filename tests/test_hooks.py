@@ -14,8 +14,8 @@ from tritonclient.utils import InferenceServerException
 
 from e2e_triton import MODEL, RunningSidecar, infer_input, make_settings, outputs, photo_pixels
 from service.clients import peer_host, resolve_client
-from service.inference import RequestError
-from service.observe import RequestHook
+from service.core.requests import RequestError
+from service.hooks.base import RequestHook
 
 # --- client identity ---------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Probing detection (issue 12 part 2): the kNN rule, bounded memory, and a real Triton + sidecar.
 
-Unit tests drive :class:`service.probing.ProbingDetector` directly with a fake
+Unit tests drive :class:`service.hooks.probing.ProbingDetector` directly with a fake
 clock. End-to-end tests export the bundled model (which serves
 ``advsentry_embedding``), start a real Triton and in-process sidecars with the
 probing policy on, and act as clients identified by an ``x-client-id`` header.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.probing import PARAM_PROBING, ProbingDetector, knn_mean_distance
+from service.hooks.probing import PARAM_PROBING, ProbingDetector, ProbingMetrics, knn_mean_distance
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -94,8 +94,8 @@ def test_history_is_capped_per_client_and_clients_are_evicted_least_recently_see
 
 def test_hook_allow_list_and_shadow_add_no_parameters():
     from service.metrics import SidecarMetrics
-    from service.observe import ClientIdentity, RequestContext, ScoredRequest
-    from service.probing import ProbingHook
+    from service.hooks.base import ClientIdentity, RequestContext, ScoredRequest
+    from service.hooks.probing import ProbingHook
     from service.settings import ProbingPolicy
 
     def scored(client: str, embedding: np.ndarray) -> ScoredRequest:
@@ -112,7 +112,7 @@ def test_hook_allow_list_and_shadow_add_no_parameters():
             last = hook.observe(scored("metadata:bot", same))
         assert last == expected
         assert hook.detector.clients() == ["metadata:bot"]  # allow-listed clients are not even tracked
-        assert metrics.probing_flagged_clients._value.get() >= 1
+        assert metrics.part(ProbingMetrics).probing_flagged_clients._value.get() >= 1
 
 
 # --- end to end: real Triton + sidecar -----------------------------------------------------------

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from service.batching import MicroBatcher
-from service.inference import ModelSpec, RequestError, TensorSpec, output_array, strip_outputs, validate_request
-from service.policy import Assessment, PolicyRejection, apply_policy
+from service.core.batching import MicroBatcher
+from service.core.requests import ModelSpec, RequestError, TensorSpec, output_array, strip_outputs, validate_request
+from service.core.policy import Assessment, PolicyRejection, apply_policy
 from service.settings import Policy, load_settings
 
 
@@ -176,7 +176,7 @@ def test_policies():
 
 def test_disclosure_levels_and_rejection_text():
     """verdict (the default): flags and the calibration id only; none: nothing; rejections without numbers."""
-    from service.policy import disclosed
+    from service.core.policy import disclosed
     from service.settings import Disclosure
 
     flagged = Assessment(np.array([1.0, 3.0]), 2.0, "cal-x")
@@ -293,13 +293,14 @@ def test_exported_config_declares_each_feature_maps_real_shape(tmp_path):
 
 def test_a_request_naming_no_outputs_gets_the_models_own_and_the_detectors_hidden():
     """No outputs = "all" to Triton: the sidecar names the model's outputs, never the detector's."""
-    from service.detectors import ModelDetector
-    from service.inference import _add_detector_outputs
+    from service.core.detectors import ModelDetector
+    from service.core.requests import add_detector_outputs
 
     from detector import Detector
 
     detector = Detector.default()
     model_detector = ModelDetector("m", detector, {n: n for n in detector.feature_outputs}, None)
+    ours = {*model_detector.feature_outputs, model_detector.entropy_output}
     stale = "advsentry_entropy_0123456789abcdef"  # exported for another calibration
     spec = ModelSpec("m", "1", {"pixels": TensorSpec("FP32", (-1, 3, 2, 2))}, {
         "logits": TensorSpec("FP32", (-1, 5)), "embedding": TensorSpec("FP32", (-1, 8)),
@@ -307,24 +308,24 @@ def test_a_request_naming_no_outputs_gets_the_models_own_and_the_detectors_hidde
         detector.entropy_output: TensorSpec("FP32", (-1, 5)), stale: TensorSpec("FP32", (-1, 5)),
         **{name: TensorSpec("FP32", (-1, 1, 4, 4)) for name in detector.feature_outputs}})
     request = _request(np.zeros((1, 3, 2, 2), np.float32))
-    hidden = _add_detector_outputs(request, spec, model_detector, (detector.entropy_output,))
+    hidden = add_detector_outputs(request, spec, ours, (detector.entropy_output,))
     assert [o.name for o in request.outputs] == ["logits", "embedding", detector.entropy_output]
     assert hidden == {detector.entropy_output}
     # Named outputs are kept; only what the sidecar added is hidden again.
     request = _request(np.zeros((1, 3, 2, 2), np.float32))
     request.outputs.add().name = "logits"
-    hidden = _add_detector_outputs(request, spec, model_detector, detector.feature_outputs)
+    hidden = add_detector_outputs(request, spec, ours, detector.feature_outputs)
     assert [o.name for o in request.outputs] == ["logits", *detector.feature_outputs]
     assert hidden == set(detector.feature_outputs)
     # Unknown model outputs (no metadata): Triton sends all, every detector output is removed.
     request = _request(np.zeros((1, 3, 2, 2), np.float32))
-    assert _add_detector_outputs(request, None, model_detector, (detector.entropy_output,)) == {
+    assert add_detector_outputs(request, None, ours, (detector.entropy_output,)) == {
         *detector.feature_outputs, detector.entropy_output, "advsentry_embedding"}  # probing embedding (issue 12)
     assert not request.outputs
 
 
 def test_non_finite_inputs_allowed_and_located_per_batch_item():
-    from service.inference import non_finite_items
+    from service.core.requests import non_finite_items
 
     values = np.zeros((3, 3, 2, 2), np.float32)
     values[1, 2, 1, 1] = np.nan

@@ -86,7 +86,7 @@ def _counter(running: RunningSidecar, name: str, **labels: str) -> float:
 
 
 def _shedder(running: RunningSidecar):
-    from service.shedding import LoadShedding
+    from service.hooks.shedding import LoadShedding
 
     return next(hook for hook in running.sidecar.core.hooks if isinstance(hook, LoadShedding))
 
@@ -157,9 +157,9 @@ def test_process_limit_and_stream_messages_count_while_in_flight(triton):
 
 
 def test_limits_off_admit_everything(triton):
-    from service.grpc.server import request_hooks
+    from service.hooks.registry import request_hooks
     from service.metrics import SidecarMetrics
-    from service.shedding import LoadShedding
+    from service.hooks.shedding import LoadShedding
 
     settings = make_settings(upstream=triton.grpc_address, max_in_flight=0, max_in_flight_per_client=0)
     assert not any(isinstance(h, LoadShedding) for h in request_hooks(settings, SidecarMetrics()))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from service.traffic import (
+from service.hooks.traffic import (
     TrafficState,
     TrafficStateError,
     fraction_above,
@@ -193,8 +193,8 @@ def test_hook_publishes_gauges_persists_on_close_and_reloads(tmp_path):
 
     from detector.detector import DEFAULT_ARTIFACT
     from service.metrics import SidecarMetrics
-    from service.observe import RequestContext, ScoredRequest
-    from service.traffic import TrafficHook
+    from service.hooks.base import RequestContext, ScoredRequest
+    from service.hooks.traffic import TrafficHook
 
     scores = _scores(400, 9)
 

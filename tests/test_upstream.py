@@ -12,7 +12,7 @@ import asyncio
 import grpc
 import pytest
 
-from service.inference import RequestError
+from service.core.requests import RequestError
 from service.triton.server import free_port
 from service.upstream import Upstream
 

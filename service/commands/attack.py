@@ -12,12 +12,10 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
+from .exits import EXIT_USAGE, EXIT_INPUT_ERROR, fail
+
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
-
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _parse_value(text: str) -> Any:
@@ -68,26 +66,25 @@ def attack(
             typer.echo(f"{name:15s} {cls.family:18s} {cls.library}  defaults={dict(cls.defaults)}")
         raise typer.Exit(0)
     if attack_name not in ATTACKS:
-        _fail(f"--attack must be one of: {', '.join(ATTACKS)}", 2)
+        fail(f"--attack must be one of: {', '.join(ATTACKS)}", EXIT_USAGE)
     if out is None:
-        _fail("--out is required", 2)
+        fail("--out is required", EXIT_USAGE)
     if not images and not paths and not bundled:
-        _fail("give image files or folders (arguments or --images) or --bundled", 2)
+        fail("give image files or folders (arguments or --images) or --bundled", EXIT_USAGE)
     cls = ATTACKS[attack_name]
     fooling = cls.labels_are_targets
     if (targeted or fooling) and target_class is None:
-        _fail(f"{attack_name}{'' if fooling else ' --targeted'} needs --target-class", 2)
+        fail(f"{attack_name}{'' if fooling else ' --targeted'} needs --target-class", EXIT_USAGE)
 
     params: dict[str, Any] = {}
     for item in param or []:
         key, sep, value = item.partition("=")
         if not sep:
-            _fail(f"--param expects KEY=VALUE, got {item!r}", 2)
+            fail(f"--param expects KEY=VALUE, got {item!r}", EXIT_USAGE)
         params[key.strip()] = _parse_value(value)
     if eps is not None:
         params["eps"] = eps
 
-    from service.cli import EXIT_INPUT_ERROR
 
     from detector.samples import full_photo_samples, load_image_file, random_crops
 
@@ -96,7 +93,7 @@ def attack(
         try:
             named.append((str(path), load_image_file(path)))
         except (FileNotFoundError, ValueError) as error:
-            _fail(str(error), EXIT_INPUT_ERROR)
+            fail(str(error), EXIT_INPUT_ERROR)
     if bundled:
         samples = full_photo_samples()
         if count > len(samples):
@@ -104,7 +101,7 @@ def attack(
             samples = samples + random_crops(per_photo, seed=seed)
         named.extend((f"bundled:{sample.name}", sample.pixels()) for sample in samples[:count])
     if not named:
-        _fail("no images found", EXIT_INPUT_ERROR)
+        fail("no images found", EXIT_INPUT_ERROR)
 
     _run(
         cls,
@@ -149,7 +146,7 @@ def _run(
     try:
         attacker = cls(model, seed=seed, quantize=quantize, targeted=targeted and not cls.labels_are_targets, **params)
     except (TypeError, ValueError) as error:
-        _fail(str(error), 2)
+        fail(str(error), EXIT_USAGE)
     pixels = to_tensor([array for _, array in named]).to(device)
     with torch.no_grad():
         predicted = torch.cat([model(chunk).argmax(dim=1) for chunk in pixels.split(batch_size)])

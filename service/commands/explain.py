@@ -1,7 +1,7 @@
 """``advsentry explain``: why was this input flagged? One self-contained HTML page per input.
 
 For an image file, or for a request the sidecar captured (``--capture DIR --id
-ID``, see :mod:`service.capture`): the score and each signal's share, the
+ID``, see :mod:`service.hooks.capture`): the score and each signal's share, the
 paper's feature response and local entropy map, CAM of the top-1 class and the
 runner-up, and the promotion–suppression analysis against a clean reference
 (``--reference``) or, without one, against a denoised estimate (labelled as
@@ -17,10 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .exits import EXIT_USAGE, EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR, fail
 
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _captured_pixels(capture: Path, record_id: str, index: Optional[int], input_name: Optional[str]):
@@ -28,28 +26,27 @@ def _captured_pixels(capture: Path, record_id: str, index: Optional[int], input_
     import numpy as np
     import torch
 
-    from service.capture import load_captured
-    from service.cli import EXIT_INPUT_ERROR
+    from service.hooks.capture import load_captured
 
     if not capture.is_dir():
-        _fail(f"{capture}: no such capture directory", EXIT_INPUT_ERROR)
+        fail(f"{capture}: no such capture directory", EXIT_INPUT_ERROR)
     try:
         record = load_captured(capture, record_id)
     except (KeyError, ValueError) as error:
-        _fail(str(error.args[0] if error.args else error), EXIT_INPUT_ERROR)
+        fail(str(error.args[0] if error.args else error), EXIT_INPUT_ERROR)
     names = list(record.inputs)
     name = input_name or ("pixels" if "pixels" in names else (names[0] if len(names) == 1 else None))
     if name is None or name not in record.inputs:
-        _fail(f"captured request has inputs {names}; choose one with --input", EXIT_INPUT_ERROR)
+        fail(f"captured request has inputs {names}; choose one with --input", EXIT_INPUT_ERROR)
     array = record.inputs[name]
     if array.ndim != 4 or array.shape[1] != 3 or not np.issubdtype(array.dtype, np.floating):
-        _fail(f"input {name!r} has shape {list(array.shape)} {array.dtype}: explain needs [B, 3, H, W] float "
+        fail(f"input {name!r} has shape {list(array.shape)} {array.dtype}: explain needs [B, 3, H, W] float "
               "pixels in [0, 1] (the bundled model's input)", EXIT_INPUT_ERROR)
     flags = record.flags
     if index is None:
         index = next((i for i, flag in enumerate(flags) if flag), 0)
     if not 0 <= index < array.shape[0]:
-        _fail(f"--index {index}: the request has {array.shape[0]} input(s)", EXIT_INPUT_ERROR)
+        fail(f"--index {index}: the request has {array.shape[0]} input(s)", EXIT_INPUT_ERROR)
     return torch.from_numpy(np.ascontiguousarray(array[index])).float(), index, record
 
 
@@ -77,25 +74,21 @@ def explain(
     Writes OUT/index.html (self-contained). Exit codes: 0 ok, 2 usage, 3 bad
     image or capture, 4 bad calibration artifact.
     """
-    from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
 
     if (image is None) == (capture is None):
-        _fail("give an IMAGE or --capture DIR --id ID (not both)", 2)
+        fail("give an IMAGE or --capture DIR --id ID (not both)", EXIT_USAGE)
     if capture is not None and not record_id:
-        _fail("--capture needs --id (the request / trace id)", 2)
+        fail("--capture needs --id (the request / trace id)", EXIT_USAGE)
 
     from detector import CalibrationError, Detector
-    from detector.detector import resolve_artifact
     from detector.explain import explain_input, write_explanation
     from detector.models import bundled_identity
     from detector.samples import load_image_file, to_tensor
 
     try:
-        detector = (Detector.default(device, load_model=True) if calibration is None else
-                    Detector.from_artifact(resolve_artifact(calibration), model_identity=bundled_identity(),
-                                           device=device))
+        detector = Detector.from_spec(calibration or "default", model_identity=bundled_identity(), device=device)
     except (CalibrationError, FileNotFoundError, ValueError) as error:
-        _fail(str(error), EXIT_CALIBRATION_ERROR)
+        fail(str(error), EXIT_CALIBRATION_ERROR)
 
     source: dict[str, object] = {}
     if capture is not None:
@@ -112,7 +105,7 @@ def explain(
         try:
             pixels = to_tensor([load_image_file(image)])[0]  # type: ignore[arg-type]
         except (FileNotFoundError, ValueError) as error:
-            _fail(str(error), EXIT_INPUT_ERROR)
+            fail(str(error), EXIT_INPUT_ERROR)
         source = {"image": str(image)}
         title = f"advsentry explanation: {image.name}"  # type: ignore[union-attr]
     clean = None
@@ -120,7 +113,7 @@ def explain(
         try:
             clean = to_tensor([load_image_file(reference, size=int(pixels.shape[-1]))])[0]
         except (FileNotFoundError, ValueError) as error:
-            _fail(str(error), EXIT_INPUT_ERROR)
+            fail(str(error), EXIT_INPUT_ERROR)
         source["reference"] = str(reference)
 
     explanation = explain_input(detector, pixels, clean, source=source)

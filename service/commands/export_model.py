@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .exits import EXIT_USAGE, EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR, fail
+
 
 def export_model(
     out: Annotated[Path, typer.Option(help="Model repository directory to write (created if missing).")],
@@ -22,7 +24,7 @@ def export_model(
         help="A TorchScript file: refused with the reason (guided backprop needs the eager module); "
              "use --factory/--weights.", show_default=False)] = None,
     calibration: Annotated[Optional[str], typer.Option(
-        help="Calibration artifact (FILE, or a shipped detector's name: default, fixed-signals, entropy-9photo) whose "
+        help="Calibration artifact (FILE, or a shipped detector's name: default, fixed-signals, entropy-9photo, paper) whose "
              "signals the model must return (default: the study's default detector for the bundled model, the "
              "model-agnostic guided-backprop map for --factory models).",
         show_default=False)] = None,
@@ -33,30 +35,23 @@ def export_model(
 ) -> None:
     """Write OUT/NAME/config.pbtxt and OUT/NAME/1/model.py (Python backend) with outputs logits + feature maps."""
     from detector import DEFAULT_FEATURES, GENERIC_FEATURES, CalibrationError
-    from detector.calibration import CalibrationArtifact
-    from detector.detector import resolve_artifact
-    from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
+    from detector.detector import resolve_detector
     from service.triton.export import ExportError, ModelSource, export_model_repository
 
     if torchscript is not None:
-        typer.echo(
-            "error: TorchScript models cannot be exported: guided backpropagation intercepts the activation "
-            "calls of the eager nn.Module; pass --factory module:function (and --weights for a state dict)",
-            err=True,
-        )
-        raise typer.Exit(EXIT_INPUT_ERROR)
+        fail("TorchScript models cannot be exported: guided backpropagation intercepts the activation "
+             "calls of the eager nn.Module; pass --factory module:function (and --weights for a state dict)",
+             EXIT_INPUT_ERROR)
     # The default detector reads named layers of the bundled EfficientNet-Lite0;
     # a user's model gets the model-agnostic map until it has its own calibration.
     features = DEFAULT_FEATURES if factory is None else GENERIC_FEATURES
     if calibration is not None:
         try:
-            features = CalibrationArtifact.load(resolve_artifact(calibration)).features
+            features = resolve_detector(calibration).features
         except CalibrationError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(EXIT_CALIBRATION_ERROR) from None
+            fail(f"{error}", EXIT_CALIBRATION_ERROR)
     if weights is not None and factory is None:
-        typer.echo("error: --weights needs --factory (the module the state dict belongs to)", err=True)
-        raise typer.Exit(2)
+        fail("--weights needs --factory (the module the state dict belongs to)", EXIT_USAGE)
     source = ModelSource()
     if factory is not None:
         source = ModelSource("state_dict" if weights else "factory", factory, weights)
@@ -66,8 +61,7 @@ def export_model(
             max_batch_size=max_batch_size, instance_kind="gpu" if gpu else "cpu", instances=instances,
         )
     except ExportError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(EXIT_INPUT_ERROR) from None
+        fail(f"{error}", EXIT_INPUT_ERROR)
     typer.echo(f"wrote {path} (outputs: logits, {', '.join(features)})")
 
 

@@ -19,6 +19,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .exits import EXIT_USAGE, EXIT_INPUT_ERROR, fail
+
 #: Bar for "useful detection signal": the bootstrap interval's far end from 0.5 (AUC or 1 − AUC).
 USEFUL_SEPARATION = 0.75
 #: Fewest clean and adversarial values per probe before the report calls a probe useful or not.
@@ -88,14 +90,11 @@ def probe(
     Compares clean inputs with their adversarials per attack (default fgsm and
     pgd_linf) and says whether any probe is a useful detection signal.
     """
-    from service.cli import EXIT_INPUT_ERROR
 
     if images is None and not bundled and not corpus_dev:
-        typer.echo("error: give --images DIR, --bundled or --corpus-dev N", err=True)
-        raise typer.Exit(2)
+        fail("give --images DIR, --bundled or --corpus-dev N", EXIT_USAGE)
     if images is not None and not images.is_dir():
-        typer.echo(f"error: {images}: not a directory", err=True)
-        raise typer.Exit(EXIT_INPUT_ERROR)
+        fail(f"{images}: not a directory", EXIT_INPUT_ERROR)
 
     import torch
 
@@ -108,11 +107,9 @@ def probe(
     try:
         named = _images(images, bundled, corpus_dev, limit)
     except (OSError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(EXIT_INPUT_ERROR) from None
+        fail(f"{error}", EXIT_INPUT_ERROR)
     if len(named) < 2:
-        typer.echo("error: need at least two images", err=True)
-        raise typer.Exit(EXIT_INPUT_ERROR)
+        fail("need at least two images", EXIT_INPUT_ERROR)
     began = time.time()
     config = ProbeConfig(radius=radius, directions=directions, neighbours=neighbours, seed=seed)
     model = load_bundled_model(device)

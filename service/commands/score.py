@@ -11,17 +11,14 @@ from typing import Annotated, Optional
 import typer
 
 
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
+from .exits import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR, EXIT_USAGE, fail
 
 def score(
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files (any format PIL reads).", show_default=False)] = None,
     bundled: Annotated[bool, typer.Option("--bundled", help="Score the sample photos that ship inside installed packages.")] = False,
     calibration: Annotated[Optional[str], typer.Option(
-        help="Calibration artifact (JSON) or a shipped detector's name (default, fixed-signals, entropy-9photo); "
-             "the artifact configures the signals, combiner and threshold.")] = None,
+        help="Calibration artifact (JSON) or a shipped detector's name (default, fixed-signals, entropy-9photo, "
+             "paper: no threshold); it configures the signals, combiner and threshold.")] = None,
     save_maps: Annotated[Optional[Path], typer.Option(help="Write input | feature response | local entropy PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image instead of text.")] = False,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
@@ -33,10 +30,8 @@ def score(
     verdict (with --calibration) and time. Exit codes: 0 ok, 2 usage, 3 bad
     image, 4 bad calibration artifact.
     """
-    from service.cli import EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR
-
     if not images and not bundled:
-        _fail("give image files or --bundled", 2)
+        fail("give image files or --bundled", EXIT_USAGE)
 
     from detector import CalibrationError, Detector
     from detector.models import imagenet_class_names
@@ -47,19 +42,16 @@ def score(
         try:
             named.append((str(path), load_image_file(path)))
         except (FileNotFoundError, ValueError) as error:
-            _fail(str(error), EXIT_INPUT_ERROR)
+            fail(str(error), EXIT_INPUT_ERROR)
     if bundled:
         named.extend((f"bundled:{sample.name}", sample.pixels()) for sample in full_photo_samples())
 
-    detector = Detector.default(device)
-    if calibration is not None:
-        from detector.detector import resolve_artifact
-        from detector.models import bundled_identity
+    from detector.models import bundled_identity
 
-        try:
-            detector = Detector.from_artifact(resolve_artifact(calibration), model_identity=bundled_identity(), device=device)
-        except CalibrationError as error:
-            _fail(str(error), EXIT_CALIBRATION_ERROR)
+    try:
+        detector = Detector.from_spec(calibration or "default", model_identity=bundled_identity(), device=device)
+    except CalibrationError as error:
+        fail(str(error), EXIT_CALIBRATION_ERROR)
     class_names = imagenet_class_names()
 
     import torch

@@ -16,9 +16,14 @@ import logging
 import signal
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+
+from .exits import EXIT_CALIBRATION_ERROR, EXIT_USAGE, fail
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 LOGGER = logging.getLogger("advsentry.serve")
 
@@ -153,76 +158,95 @@ def serve(
     score. Load shedding: --max-in-flight / --max-in-flight-per-client refuse
     requests beyond them with RESOURCE_EXHAUSTED.
     """
+    flags = dict(
+        port=port, metrics_port=metrics_port, upstream=upstream, calibration=calibration, policy=policy,
+        host=host, scoring_failure=scoring_failure, max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms, entropy_in=entropy_in, device=device, upstream_timeout_s=upstream_timeout_s,
+        max_message_bytes=max_message_bytes, shutdown_grace_s=shutdown_grace_s,
+        embedded_model_repository=model_repository, log_level=log_level,
+        tls_cert_file=tls_cert_file, tls_key_file=tls_key_file, tls_client_ca_file=tls_client_ca_file,
+        tls_require_client_cert=tls_require_client_cert, upstream_tls=upstream_tls,
+        upstream_ca_file=upstream_ca_file, upstream_cert_file=upstream_cert_file,
+        upstream_key_file=upstream_key_file, upstream_server_name=upstream_server_name,
+        tls_reload_interval_s=tls_reload_interval_s,
+        disclosure=disclosure, trusted_clients=trusted_client or None, detector_api=detector_api,
+        max_in_flight=max_in_flight, max_in_flight_per_client=max_in_flight_per_client,
+    )
+    settings = settings_from_command_line(config, flags, set_ or ())
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_sidecar(settings)
+
+
+def settings_from_command_line(config: Path | None, flags: dict[str, object], assignments) -> "Settings":
+    """Flags, then ``--set`` pairs (a dedicated flag wins), env and the YAML file; invalid settings exit 2."""
     from pydantic import ValidationError
 
-    from service.cli import EXIT_CALIBRATION_ERROR
     from service.settings import load_settings
 
     try:
-        flags = dict(
-            port=port, metrics_port=metrics_port, upstream=upstream, calibration=calibration, policy=policy,
-            host=host, scoring_failure=scoring_failure, max_batch_size=max_batch_size,
-            max_batch_delay_ms=max_batch_delay_ms, entropy_in=entropy_in, device=device, upstream_timeout_s=upstream_timeout_s,
-            max_message_bytes=max_message_bytes, shutdown_grace_s=shutdown_grace_s,
-            embedded_model_repository=model_repository, log_level=log_level,
-            tls_cert_file=tls_cert_file, tls_key_file=tls_key_file, tls_client_ca_file=tls_client_ca_file,
-            tls_require_client_cert=tls_require_client_cert, upstream_tls=upstream_tls,
-            upstream_ca_file=upstream_ca_file, upstream_cert_file=upstream_cert_file,
-            upstream_key_file=upstream_key_file, upstream_server_name=upstream_server_name,
-            tls_reload_interval_s=tls_reload_interval_s,
-            disclosure=disclosure, trusted_clients=trusted_client or None, detector_api=detector_api,
-            max_in_flight=max_in_flight, max_in_flight_per_client=max_in_flight_per_client,
-        )
-        for key, value in settings_assignments(set_ or ()).items():  # a dedicated flag wins over --set
+        for key, value in settings_assignments(assignments).items():
             if flags.get(key) is None:
                 flags[key] = value
         settings = load_settings(config, **flags)
         if settings.upstream is None and settings.upstream_tls:
             raise ValueError("upstream_tls needs --upstream: the embedded Triton listens on loopback without TLS")
     except (ValidationError, ValueError) as error:
-        typer.echo(f"error: invalid settings: {error}", err=True)
-        raise typer.Exit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fail(f"invalid settings: {error}", EXIT_USAGE)
+    return settings
 
+
+def run_sidecar(settings: "Settings") -> None:
+    """Start the embedded Triton when no upstream is set, serve until SIGTERM/SIGINT, stop Triton last."""
     from detector import CalibrationError
     from service.tls import TlsError
 
-    triton = None
-    identity = {}
+    triton = workdir = None
+    identity: dict = {}
     try:
         if settings.upstream is None:
-            from detector.calibration import CalibrationArtifact
-            from detector.models import BUNDLED_MODEL_NAME, bundled_identity
-            from service.triton.export import export_model_repository
+            settings, identity, workdir = embedded_model_repository(settings)
+            typer.echo(f"advsentry: starting embedded Triton on {settings.embedded_model_repository}", err=True)
             from service.triton.server import TritonServer
 
-            repository = settings.embedded_model_repository
-            workdir = None
-            if repository is None:
-                workdir = tempfile.TemporaryDirectory(prefix="advsentry-repo-")
-                repository = Path(workdir.name)
-                # the model serves the signals of the calibration in force (the default's unless one is given)
-                features = CalibrationArtifact.load(settings.calibration).features if settings.calibration else None
-                export_model_repository(repository, max_batch_size=settings.embedded_max_batch_size, features=features)
-                identity = {BUNDLED_MODEL_NAME: bundled_identity()}
-                if settings.calibration is None and not any(m.calibration for m in settings.models.values()):
-                    # The bundled model ships with the detection study's threshold (5% FPR).
-                    from detector import DEFAULT_ARTIFACT_PATH
-
-                    settings = settings.model_copy(update={"calibration": DEFAULT_ARTIFACT_PATH})
-            typer.echo(f"advsentry: starting embedded Triton on {repository}", err=True)
-            triton = TritonServer(repository).start()
+            triton = TritonServer(settings.embedded_model_repository).start()
             settings = settings.model_copy(update={"upstream": triton.grpc_address})
         asyncio.run(_run_sidecar(settings, identity))
     except CalibrationError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(EXIT_CALIBRATION_ERROR) from None
+        fail(f"{error}", EXIT_CALIBRATION_ERROR)
     except TlsError as error:
-        typer.echo(f"error: TLS: {error}", err=True)
-        raise typer.Exit(2) from None
+        fail(f"TLS: {error}", EXIT_USAGE)
     finally:
         if triton is not None:
             triton.stop()
+        if workdir is not None:
+            workdir.cleanup()
+
+
+def embedded_model_repository(settings: "Settings"):
+    """The embedded Triton's repository: the given one, or the bundled model exported for the calibration in force.
+
+    Returns (settings with the repository and, for the bundled model, its
+    default calibration; the bundled model's identity, or none; the temporary
+    directory to remove on stop, or None). The exported model serves the
+    signals of the calibration in force (the shipped default's unless one is
+    given), so the sidecar scores it with one small output per image.
+    """
+    if settings.embedded_model_repository is not None:
+        return settings, {}, None
+    from detector.detector import resolve_detector
+    from detector.models import BUNDLED_MODEL_NAME, bundled_identity
+    from service.triton.export import export_model_repository
+
+    workdir = tempfile.TemporaryDirectory(prefix="advsentry-repo-")
+    repository = Path(workdir.name)
+    features = resolve_detector(settings.calibration).features if settings.calibration else None
+    export_model_repository(repository, max_batch_size=settings.embedded_max_batch_size, features=features)
+    update: dict[str, object] = {"embedded_model_repository": repository}
+    if settings.calibration is None and not any(m.calibration for m in settings.models.values()):
+        from detector import DEFAULT_ARTIFACT_PATH  # the bundled model ships with its calibrated default
+
+        update["calibration"] = DEFAULT_ARTIFACT_PATH
+    return settings.model_copy(update=update), {BUNDLED_MODEL_NAME: bundled_identity()}, workdir
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,14 @@
 """advsentry's own ``advsentry.v1.DetectorService`` (proto/advsentry/v1/detector.proto).
 
-Thin: requests are turned into the same calls the proxy makes (metadata
-lookup, upstream inference, micro-batched scoring), so a Detect call is scored
-in the same batches and by the same detector as proxied traffic.
+Thin: a Detect on inputs is :meth:`InferenceCore.assess` (the same steps as a
+proxied ModelInfer: metadata lookup, admission and the other hooks, upstream
+inference with internal metadata stripped, micro-batched scoring by one
+detector snapshot), a Detect on precomputed maps is
+:meth:`InferenceCore.assess_maps`; so a Detect call is scored in the same
+batches, by the same detector and hooks as proxied traffic. A Detect that gets
+no verdict answers an error (never a score without a detector). DetectStream
+answers through :func:`service.grpc.streams.ordered_responses` (ordered,
+bounded, dropped on cancel).
 
 Access (issue 13): ``Detect`` exists to return scores, so it is the oracle
 the disclosure setting guards against. With ``disclosure: score`` anyone who
@@ -15,7 +21,6 @@ inference), and ``GetStatus`` omits thresholds for untrusted callers.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -28,8 +33,10 @@ from detector import CalibrationError
 
 from .._proto.advsentry.v1 import detector_pb2, detector_pb2_grpc
 from ..clients import client_of
-from ..inference import RequestError, output_array, validate_request
+from ..core.policy import disclosure_for
+from ..core.requests import RequestError
 from ..settings import Disclosure
+from .streams import ordered_responses
 
 LOGGER = logging.getLogger(__name__)
 DETECTOR_SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
@@ -58,8 +65,7 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
 
     def _may_see_scores(self, context, model_name: str | None = None) -> bool:
         settings = self.sidecar.settings
-        disclosure = settings.disclosure_for(model_name) if model_name else settings.disclosure
-        return disclosure is Disclosure.score or client_of(context, settings).trusted
+        return disclosure_for(settings, client_of(context, settings), model_name) is Disclosure.score
 
     async def _check_access(self, context, model_name: str | None = None) -> None:
         """UNIMPLEMENTED when disabled; PERMISSION_DENIED for untrusted callers unless disclosure is score."""
@@ -71,54 +77,42 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
                                 "advsentry DetectorService returns scores: only trusted callers may use it "
                                 "(disclosure is not 'score'; see trusted_clients / trusted_metadata)")
 
-    async def _maps_from_upstream(self, request: detector_pb2.DetectRequest, feature_outputs, timeout: float):
-        infer = service_pb2.ModelInferRequest(model_name=request.model_name, model_version=request.model_version,
-                                              id=request.id)
-        for tensor in request.inputs:
-            infer.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
-            infer.raw_input_contents.append(tensor.raw_contents)
-        for name in feature_outputs:
-            infer.outputs.add(name=name)
-        spec = await self.sidecar.upstream.model_spec(request.model_name, request.model_version)
-        if spec is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {request.model_name!r} is not available upstream")
-        validate_request(infer, spec)
-        try:
-            response = await self.sidecar.upstream.stub.ModelInfer(infer, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise RequestError(error.code(), f"upstream: {error.details()}") from None
-        return {name: output_array(response, name) for name in feature_outputs}
+    def _upstream(self, context):
+        """The upstream ModelInfer for a Detect on inputs (the core strips internal metadata before it)."""
+        async def call(request, metadata):
+            return await self.sidecar.upstream.stub.ModelInfer(request, metadata=tuple(metadata),
+                                                               timeout=self._timeout(context))
 
-    async def _detect(self, request: detector_pb2.DetectRequest, timeout: float) -> detector_pb2.DetectResponse:
+        return call
+
+    async def _detect(self, request: detector_pb2.DetectRequest, context) -> detector_pb2.DetectResponse:
         if not request.model_name:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model_name is required (it selects the detector)")
         if bool(request.feature_maps) == bool(request.inputs):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "give either feature_maps or inputs (exactly one)")
-        try:
-            model_detector = self.sidecar.registry.get(request.model_name)
-        except CalibrationError as error:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
-        outputs = model_detector.feature_outputs
+        core = self.sidecar.core
+        metadata = tuple(context.invocation_metadata() or ())
+        client = client_of(context, self.sidecar.settings)
         if request.feature_maps:
-            given = {t.name: t for t in request.feature_maps}
-            if set(given) != set(outputs):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"feature_maps must be exactly {list(outputs)}, got {sorted(given)}")
-            maps = {name: _map_array(given[name]) for name in outputs}
+            names = [t.name for t in request.feature_maps]
+            if len(set(names)) != len(names):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"feature_maps names repeat: {names}")
+            maps = {t.name: _map_array(t) for t in request.feature_maps}
+            assessment, detector = await core.assess_maps(request.model_name, request.model_version, maps,
+                                                          metadata, client)
         else:
-            maps = await self._maps_from_upstream(request, outputs, timeout)
-        key = (request.model_name, tuple((name, maps[name].shape[1:]) for name in outputs))
-        try:
-            scores = await self.sidecar.batcher.score(key, maps)
-        except ValueError as error:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        threshold = model_detector.threshold
+            infer = service_pb2.ModelInferRequest(model_name=request.model_name,
+                                                  model_version=request.model_version, id=request.id)
+            for tensor in request.inputs:
+                infer.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
+                infer.raw_input_contents.append(tensor.raw_contents)
+            assessment, detector = await core.assess(infer, self._upstream(context), metadata, client)
         reply = detector_pb2.DetectResponse(id=request.id, model_name=request.model_name,
-                                            calibration_id=model_detector.calibration_id or "")
-        if threshold is not None:
-            reply.threshold = float(threshold)
-        for score in scores:
-            reply.verdicts.add(score=float(score), adversarial=bool(threshold is not None and score > threshold))
+                                            calibration_id=detector.calibration_id or "")
+        if assessment.threshold is not None:
+            reply.threshold = float(assessment.threshold)
+        for score, flag in zip(assessment.scores, assessment.flags):
+            reply.verdicts.add(score=float(score), adversarial=bool(flag))
         return reply
 
     def _timeout(self, context) -> float:
@@ -129,18 +123,16 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
     async def Detect(self, request, context):  # noqa: N802 - gRPC method name
         await self._check_access(context, request.model_name or None)
         try:
-            return await self._detect(request, self._timeout(context))
+            return await self._detect(request, context)
         except RequestError as error:
             await context.abort(error.code, error.message)
 
     async def DetectStream(self, request_iterator: AsyncIterator, context):  # noqa: N802
         await self._check_access(context)  # per-model overrides: the global disclosure decides for a stream
-        pending: asyncio.Queue = asyncio.Queue(maxsize=128)
-        done = object()
 
-        async def one(request):
+        async def one(request) -> detector_pb2.DetectResponse:
             try:
-                return await self._detect(request, self._timeout(context))
+                return await self._detect(request, context)
             except RequestError as error:
                 return detector_pb2.DetectResponse(id=request.id, model_name=request.model_name,
                                                    error_message=error.message, error_code=error.code.name)
@@ -148,19 +140,8 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
                 LOGGER.exception("DetectStream message failed")
                 return detector_pb2.DetectResponse(id=request.id, error_message=str(error), error_code="INTERNAL")
 
-        async def read():
-            try:
-                async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(one(request)))
-            finally:
-                await pending.put(done)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (item := await pending.get()) is not done:
-                yield await item
-        finally:
-            reader.cancel()
+        async for reply in ordered_responses(request_iterator, one, self.sidecar.settings.stream_max_in_flight):
+            yield reply
 
     async def GetStatus(self, request, context):  # noqa: N802
         sidecar = self.sidecar
@@ -172,7 +153,7 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
             upstream=sidecar.upstream_address,
             upstream_ready=bool(sidecar.health.upstream_ready),
             default_policy=settings.policy.value,
-            scoring_failure=settings.scoring_failure.value,
+            scoring_failure=settings.scoring_failure_for("").value,  # explicit, else the global policy's
             max_batch_size=settings.max_batch_size,
             max_batch_delay_ms=settings.max_batch_delay_ms,
         )
@@ -215,7 +196,7 @@ class DetectorApi(detector_pb2_grpc.DetectorServiceServicer):
 
 # --- traffic calibration (issue 12) ---
 def _traffic_hook(sidecar):  # type: ignore[no-untyped-def]
-    from ..traffic import TrafficHook
+    from ..hooks.traffic import TrafficHook
 
     return next((hook for hook in sidecar.core.hooks if isinstance(hook, TrafficHook)), None)
 

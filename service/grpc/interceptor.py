@@ -10,10 +10,14 @@ For teams that run their own KServe-v2 server instead of Triton::
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(MyServicer(), server)
 
 The interceptor wraps the server's own ModelInfer handler with the same
-:class:`~service.inference.InferenceCore` the sidecar uses (request rewriting,
+:class:`~service.core.inference.InferenceCore` the sidecar uses (request rewriting,
 batched scoring, policy, stripping, metrics, spans); the "upstream" is simply
-the wrapped handler. ModelStreamInfer messages are answered one by one through
-the server's ModelInfer handler, in order, with ``error_message`` on failure.
+the wrapped handler. It is built by the same :func:`service.core.pipeline.build_core`
+as the sidecar, so the request hooks (load shedding, probing, traffic sketch,
+capture) run here too. ModelStreamInfer messages are answered through the
+server's ModelInfer handler, in order, with ``error_message`` on failure, at most
+``stream_max_in_flight`` at once, and dropped when the caller cancels
+(:func:`service.grpc.streams.ordered_responses`).
 Models must be listed in ``Settings.models`` (no metadata lookup happens, so
 auto-protection and metadata-based validation are off; raw byte sizes and
 NaN/Inf are still checked).
@@ -21,19 +25,19 @@ NaN/Inf are still checked).
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import AsyncIterator
 
 import grpc
 from tritonclient.grpc import service_pb2
 
-from ..batching import MicroBatcher
 from ..clients import client_of
-from ..detectors import DetectorRegistry
-from ..inference import InferenceCore, ModelSpec, RequestError
+from ..core.inference import InferenceCore
+from ..core.pipeline import build_core
+from ..core.requests import ModelSpec, RequestError
 from ..metrics import SidecarMetrics
 from ..settings import Settings
+from .streams import ordered_responses
 
 _PREFIX = "/inference.GRPCInferenceService/"
 
@@ -79,8 +83,8 @@ class AdvSentryInterceptor(grpc.aio.ServerInterceptor):
         self.core = core
 
     async def close(self) -> None:
-        """Stop the micro-batcher (call from the server's event loop on shutdown)."""
-        await self.core.batcher.close()
+        """Stop the micro-batcher and the hooks (call from the server's event loop on shutdown)."""
+        await self.core.close()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -126,41 +130,38 @@ class AdvSentryInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request_iterator: AsyncIterator, context):
             metadata = tuple(context.invocation_metadata() or ())
             client = client_of(context, self.core.settings)
-            async for data in request_iterator:
+
+            async def answer(data) -> service_pb2.ModelStreamInferResponse:
                 request = service_pb2.ModelInferRequest()  # stays empty (no id to echo) if the bytes do not parse
                 try:
                     request = parse(data)
                     response = await self.core.infer(request, self._local(behavior, context), metadata, client)
-                    yield service_pb2.ModelStreamInferResponse(infer_response=response)
+                    return service_pb2.ModelStreamInferResponse(infer_response=response)
                 except RequestError as error:
-                    yield service_pb2.ModelStreamInferResponse(
+                    return service_pb2.ModelStreamInferResponse(
                         error_message=f"[StatusCode.{error.code.name}] {error.message}",
                         infer_response=service_pb2.ModelInferResponse(
                             id=request.id, model_name=request.model_name, model_version=request.model_version),
                     )
+
+            async for response in ordered_responses(request_iterator, answer, self.core.settings.stream_max_in_flight):
+                yield response
 
         return wrapped
 
 
 def build_interceptor(settings: Settings, *, metrics: SidecarMetrics | None = None,
                       metadata_lookup=None, tracer_provider=None) -> AdvSentryInterceptor:
-    """An interceptor with its own detector registry, micro-batcher and metrics (serve them yourself)."""
-    metrics = metrics or SidecarMetrics()
-    registry = DetectorRegistry(
-        default_calibration=settings.calibration,
-        per_model_calibration={m: p.calibration for m, p in settings.models.items() if p.calibration},
-        per_model_outputs={m: p.feature_outputs for m, p in settings.models.items() if p.feature_outputs},
-        device=settings.device,
-        metrics=metrics,
-    )
-    batcher = MicroBatcher(registry.score, max_batch_size=settings.max_batch_size,
-                           max_batch_delay_ms=settings.max_batch_delay_ms)
-    core = InferenceCore(
-        settings=settings.model_copy(update={"protect_all": False}),
-        registry=registry,
-        batcher=batcher,
-        metrics=metrics,
+    """An interceptor with its own core (:func:`build_core`: detectors, batcher, hooks); serve ``metrics`` yourself.
+
+    Only the models listed in ``settings.models`` are protected (``protect_all``
+    is off: without a metadata lookup there is no way to tell which models
+    advsentry exported).
+    """
+    core: InferenceCore = build_core(
+        settings.model_copy(update={"protect_all": False}),
         metadata_lookup=metadata_lookup or _no_metadata,
+        metrics=metrics,
         upstream_name="local",
         tracer_provider=tracer_provider,
     )

@@ -5,11 +5,18 @@ RPC is forwarded as *bytes*: the request is never parsed, so the answer
 (including error statuses and trailing metadata) is exactly what Triton sent,
 for current and future fields alike.
 
-Streaming: each stream message is handled as its own task (so messages of one
-stream are scored in the same micro-batches as everything else), but answers
-are written strictly in request order, each message is answered exactly once,
-and a failing message is answered with the protocol's ``error_message`` field
-while the stream goes on. Messages are sent upstream as unary ModelInfer calls:
+Metadata: what goes upstream, on every RPC, is :func:`service.clients.forwarded_metadata`
+(no transport headers, no trusted-caller secret, no ``strip_metadata`` key).
+
+Streaming (:func:`service.grpc.streams.ordered_responses`): each stream message
+is handled as its own task (so messages of one stream are scored in the same
+micro-batches as everything else) and runs the same core and hooks as
+ModelInfer; answers are written strictly in request order, each message is
+answered exactly once, a failing message is answered with the protocol's
+``error_message`` field while the stream goes on, at most
+``stream_max_in_flight`` messages are in progress, and a cancelled stream's
+pending messages are dropped before they reach upstream. Messages are sent
+upstream as unary ModelInfer calls:
 that keeps per-message status and deadline handling simple, and is why models
 with a decoupled transaction policy (several responses per request) are not
 supported through the interception path.
@@ -24,20 +31,14 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from tritonclient.grpc import service_pb2
 
-from ..clients import client_of
-from ..inference import InferenceCore, RequestError
+from ..clients import client_of, forwarded_metadata
+from ..core.inference import InferenceCore, RequestError
+from .streams import ordered_responses
 
 LOGGER = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 INTERCEPTED = ("ModelInfer", "ModelStreamInfer")
-_DROP_HEADERS = {":authority", "user-agent", "content-type", "te", "grpc-timeout", "grpc-accept-encoding",
-                 "grpc-encoding", "accept-encoding"}
-
-
-def forwardable_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
-    """The client's metadata minus transport headers that the upstream channel sets itself."""
-    return [(k, v) for k, v in (context.invocation_metadata() or ()) if k.lower() not in _DROP_HEADERS]
 
 
 def _timeout(context: grpc.aio.ServicerContext, limit: float) -> float:
@@ -73,12 +74,11 @@ class InferenceProxy:
     """Holds the upstream channel and builds the generic handler for the whole service."""
 
     def __init__(self, core: InferenceCore, channel: grpc.aio.Channel, *, upstream_timeout_s: float,
-                 metrics=None, stream_window: int = 128) -> None:
+                 metrics=None) -> None:
         self.core = core
         self.channel = channel
         self.upstream_timeout_s = upstream_timeout_s
         self.metrics = metrics
-        self.stream_window = stream_window
         self._infer = channel.unary_unary(
             f"/{SERVICE}/ModelInfer",
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,
@@ -93,7 +93,7 @@ class InferenceProxy:
             try:
                 response = await call(
                     request,
-                    metadata=forwardable_metadata(context),
+                    metadata=forwarded_metadata(self.core.settings, context.invocation_metadata()),
                     timeout=_timeout(context, self.upstream_timeout_s),
                 )
                 if self.metrics is not None:
@@ -117,7 +117,7 @@ class InferenceProxy:
         return call
 
     async def model_infer(self, data: bytes, context: grpc.aio.ServicerContext):
-        metadata = forwardable_metadata(context)
+        metadata = tuple(context.invocation_metadata() or ())  # the core strips what must not go upstream
         try:
             return await self.core.infer(parse_request(data), self._upstream(context), metadata,
                                          client_of(context, self.core.settings))
@@ -150,32 +150,14 @@ class InferenceProxy:
     async def model_stream_infer(
         self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        metadata = forwardable_metadata(context)
+        metadata = tuple(context.invocation_metadata() or ())
         client = client_of(context, self.core.settings)
-        pending: asyncio.Queue = asyncio.Queue(maxsize=self.stream_window)
-        done = object()
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_message(request, context, metadata, client)))
-            finally:
-                await pending.put(done)
+        async def answer(data: bytes) -> service_pb2.ModelStreamInferResponse:
+            return await self._stream_message(data, context, metadata, client)
 
-        reader = asyncio.ensure_future(read())
-        try:
-            while True:
-                item = await pending.get()
-                if item is done:
-                    break
-                yield await item
-            await reader  # surfaces a broken client stream
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                item = pending.get_nowait()
-                if item is not done:
-                    item.cancel()
+        async for response in ordered_responses(request_iterator, answer, self.core.settings.stream_max_in_flight):
+            yield response
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {

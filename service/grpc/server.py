@@ -18,38 +18,15 @@ from opentelemetry import trace
 
 from detector import ModelIdentity
 
-from ..batching import MicroBatcher
-from ..detectors import DetectorRegistry
+from ..core.pipeline import build_core
 from ..health import UpstreamHealth
-from ..inference import InferenceCore
 from ..metrics import SidecarMetrics
-from ..observe import RequestHook
 from ..settings import Settings
 from ..tls import server_tls_from, upstream_tls_from
 from ..upstream import Upstream, channel_options
 from .proxy import SERVICE, InferenceProxy
 
 LOGGER = logging.getLogger(__name__)
-
-
-def request_hooks(settings: Settings, metrics: SidecarMetrics) -> list[RequestHook]:
-    """The stateful per-request features in force, each one module (see ``service/observe.py``).
-
-    Order matters: admission hooks run in this order (cheap refusals first) and
-    a later hook's response parameters overwrite an earlier one's.
-    """
-    from ..capture import capture_hook_from_settings
-    from ..probing import probing_hook_from_settings
-    from ..shedding import shedding_hook_from_settings
-    from ..traffic import traffic_hook
-
-    candidates = [
-        shedding_hook_from_settings(settings, metrics),  # load shedding first: the cheapest refusal
-        capture_hook_from_settings(settings, metrics),  # ring of flagged requests (opt-in)
-        probing_hook_from_settings(settings, metrics),  # per-client probing detection
-        traffic_hook(settings, metrics),  # traffic score sketch
-    ]
-    return [hook for hook in candidates if hook is not None]
 
 
 class Sidecar:
@@ -80,24 +57,6 @@ class Sidecar:
 
     async def start(self) -> "Sidecar":
         s = self.settings
-        self.registry = DetectorRegistry(
-            default_calibration=s.calibration,
-            per_model_calibration={m: p.calibration for m, p in s.models.items() if p.calibration},
-            per_model_outputs={m: p.feature_outputs for m, p in s.models.items() if p.feature_outputs},
-            model_identity=self.model_identity,
-            device=s.device,
-            metrics=self.metrics,
-        )
-
-        def observe(key, inputs: int, requests: int, seconds: float) -> None:
-            self.metrics.observe_detector_call(key[0], inputs, requests, seconds)
-
-        self.batcher = MicroBatcher(
-            self.registry.score,
-            max_batch_size=s.max_batch_size,
-            max_batch_delay_ms=s.max_batch_delay_ms,
-            observer=observe,
-        )
         # TLS (issue 13): both sides read their files now, so a bad file fails the start with a clear TlsError.
         self.server_tls = server_tls_from(s)
         self.upstream = Upstream(
@@ -107,16 +66,15 @@ class Sidecar:
             tls_reload_interval_s=s.tls_reload_interval_s,
             swap_grace_s=s.upstream_timeout_s,
         )
-        self.core = InferenceCore(
-            settings=s,
-            registry=self.registry,
-            batcher=self.batcher,
-            metrics=self.metrics,
+        self.core = build_core(
+            s,
             metadata_lookup=self.upstream.model_spec,
+            metrics=self.metrics,
             upstream_name=self.upstream_address,
+            model_identity=self.model_identity,
             tracer_provider=self.tracer_provider,
-            hooks=request_hooks(s, self.metrics),
         )
+        self.registry, self.batcher = self.core.registry, self.core.batcher
         self.proxy = InferenceProxy(
             self.core, self.upstream.channel, upstream_timeout_s=s.upstream_timeout_s, metrics=self.metrics
         )
@@ -173,12 +131,7 @@ class Sidecar:
         await self._server.stop(grace)
         for task in self._tasks:
             task.cancel()
-        await self.batcher.close()
-        for hook in self.core.hooks:  # flush persisted state (sketches, capture ring)
-            try:
-                await hook.close()
-            except Exception:  # noqa: BLE001 - stopping must finish
-                LOGGER.exception("request hook %s failed to close", hook.name)
+        await self.core.close()  # the batcher, then the hooks' persisted state (sketches, capture ring)
         await self.upstream.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

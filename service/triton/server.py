@@ -6,7 +6,7 @@ on a real model repository (the one ``advsentry export-model`` writes), so the
 embedded default runs exactly what a production Triton loads, and the sidecar
 process never holds the model.
 
-Two environment quirks are handled here (see DESIGN.md):
+Two environment quirks are handled here (see docs/architecture.md#environment):
 
 - the Python-backend stub links ``libpython3.X.so``; the running interpreter's
   ``LIBDIR`` goes first on ``LD_LIBRARY_PATH`` so the stub uses the same Python

@@ -1,7 +1,7 @@
 """The capture ring: keep flagged requests on disk so that a verdict can be explained later (issue 14).
 
 Opt-in (``capture_dir`` unset = off). :class:`CaptureHook` is a request hook
-(:mod:`service.observe`): for a request with at least one flagged input, and
+(:mod:`service.hooks.base`): for a request with at least one flagged input, and
 within ``capture_sample_rate``, ``observe()`` only does a non-blocking
 ``put_nowait`` of the scored request on a bounded queue; when the queue is full
 the request is not kept and ``advsentry_capture_dropped_total{reason="queue_full"}``
@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from .observe import RequestHook, ScoredRequest
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .base import RequestHook, ScoredRequest
 
 LOGGER = logging.getLogger(__name__)
 
@@ -216,7 +218,7 @@ class CaptureHook(RequestHook):
             raise ValueError("capture sample rate must be in [0, 1]")
         self.ring = ring
         self.sample_rate = sample_rate
-        self.metrics = metrics
+        self.metrics = metrics.part(CaptureMetrics) if metrics is not None else None
         self._random = random.Random(seed)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self.dropped = 0
@@ -315,7 +317,26 @@ def capture_hook_from_settings(settings: Any, metrics: Any = None) -> CaptureHoo
                        max_age_s=settings.capture_max_age_s)
     hook = CaptureHook(ring, sample_rate=settings.capture_sample_rate, queue_size=settings.capture_queue_size,
                        metrics=metrics)
-    if metrics is not None:
-        metrics.capture_items.set(len(ring))
-        metrics.capture_bytes.set(ring.total_bytes)
+    if hook.metrics is not None:
+        hook.metrics.capture_items.set(len(ring))
+        hook.metrics.capture_bytes.set(ring.total_bytes)
     return hook
+
+
+class CaptureMetrics:
+    """The capture ring's series (registered by :meth:`service.metrics.SidecarMetrics.part`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.capture_dropped = Counter(
+            "advsentry_capture_dropped",
+            "Flagged requests the capture ring did not keep, by reason (queue_full|too_large|write_error).",
+            ("reason",), registry=registry,
+        )
+        for reason in ("queue_full", "too_large", "write_error"):
+            self.capture_dropped.labels(reason)
+        self.capture_written = Counter(
+            "advsentry_capture_written", "Flagged requests written to the capture ring.", registry=registry
+        )
+        self.capture_items = Gauge("advsentry_capture_items", "Requests held in the capture ring.", registry=registry)
+        self.capture_bytes = Gauge("advsentry_capture_bytes", "Bytes held in the capture ring.", registry=registry)
+

@@ -2,7 +2,7 @@
 
 The sidecar sees every request, so it can measure what no offline calibration
 can: the score distribution of *this* deployment's inputs. :class:`TrafficHook`
-(a :class:`~service.observe.RequestHook`, active in every policy, shadow
+(a :class:`~service.hooks.base.RequestHook`, active in every policy, shadow
 included) adds each scored input to a DDSketch (DataDog's mergeable quantile
 sketch, ``ddsketch`` on PyPI: every quantile within a relative accuracy
 ``alpha`` of the exact one, bounded memory, negative values supported, so the
@@ -52,7 +52,10 @@ from ddsketch import DDSketch
 from ddsketch.pb import ddsketch_pb2
 from ddsketch.pb.proto import DDSketchProto, KeyMappingProto
 
-from .observe import RequestHook, ScoredRequest
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ..metrics import LABELS
+from .base import RequestHook, ScoredRequest
 
 LOGGER = logging.getLogger(__name__)
 
@@ -398,7 +401,7 @@ class TrafficHook(RequestHook):
                  calibration_paths: Sequence[Path] = (), metrics=None) -> None:  # type: ignore[no-untyped-def]
         self.state_path = Path(state_path) if state_path else None
         self.flush_s = float(flush_s)
-        self.metrics = metrics
+        self.metrics = metrics.part(TrafficMetrics) if metrics is not None else None
         #: artifacts the sidecar may have in force (the shipped default is always one): their target FPRs
         self._calibration_paths = tuple(Path(p) for p in calibration_paths)
         self._targets: dict[str, float | None] = {}
@@ -533,3 +536,27 @@ def traffic_hook(settings, metrics) -> TrafficHook | None:  # type: ignore[no-un
     return TrafficHook(settings.traffic_state_path, flush_s=settings.traffic_flush_s, window_s=settings.traffic_window_s,
                        max_windows=settings.traffic_max_windows, relative_accuracy=settings.traffic_relative_accuracy,
                        calibration_paths=[p for p in paths if p], metrics=metrics)
+
+
+class TrafficMetrics:
+    """The traffic sketch's series (registered by :meth:`service.metrics.SidecarMetrics.part`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.traffic_scores = Counter(
+            "advsentry_traffic_scores",
+            "Scores added to the traffic sketch (finite scores of every policy, shadow included).",
+            LABELS, registry=registry,
+        )
+        self.traffic_implied_fpr = Gauge(
+            "advsentry_traffic_implied_fpr",
+            "Share of the sketched traffic (retained windows) scoring above the threshold in force: its false "
+            "positive rate on this traffic if the traffic is clean (attacks count too). Updated on each flush.",
+            LABELS, registry=registry,
+        )
+        self.traffic_target_fpr = Gauge(
+            "advsentry_traffic_target_fpr",
+            "target_fpr of the calibration artifact in force, NaN when it has none (compare with "
+            "advsentry_traffic_implied_fpr).",
+            LABELS, registry=registry,
+        )
+

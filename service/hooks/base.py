@@ -2,13 +2,13 @@
 
 Stateful features that need every request (load shedding, the traffic score
 sketch, probing detection, the capture ring) are each one :class:`RequestHook`
-in its own module, so the request handler in ``service/inference.py`` stays a
+in its own module, so the request handler in ``service/core/inference.py`` stays a
 few named steps and never grows a branch per feature:
 
 - ``extra_outputs(model)``: Triton outputs the hook needs (added to the request,
   stripped before the client sees the response), e.g. a probing embedding;
 - ``admit(ctx)``: before anything is sent upstream; may refuse with a
-  :class:`~service.inference.RequestError` (RESOURCE_EXHAUSTED, PERMISSION_DENIED);
+  :class:`~service.core.inference.RequestError` (RESOURCE_EXHAUSTED, PERMISSION_DENIED);
 - ``observe(scored)``: after scoring; returns response parameters to add (the
   disclosure policy decides which reach the client). It must not block: hand
   slow work to a bounded queue. An exception is logged and counted, never

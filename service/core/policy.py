@@ -29,7 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .settings import Disclosure, Policy
+from detector.detector import exceeds
+
+from ..hooks.base import ClientIdentity
+from ..settings import Disclosure, Policy, Settings
 
 PARAM_SCORE = "advsentry_score"
 PARAM_SCORES = "advsentry_scores"
@@ -55,10 +58,7 @@ class Assessment:
 
     @property
     def flags(self) -> np.ndarray:
-        if self.threshold is None:
-            flags = np.zeros(self.scores.shape, dtype=bool)
-        else:
-            flags = self.scores > self.threshold
+        flags = np.asarray(exceeds(self.scores, self.threshold))
         if self.invalid is not None and self.invalid.shape == flags.shape:
             flags = flags | self.invalid
         return flags
@@ -116,6 +116,19 @@ class PolicyRejection(Exception):
             (TRAILER_SCORE, f"{self.assessment.max_score:.6f}"),
             (TRAILER_THRESHOLD, f"{threshold:.6f}"),
         )
+
+
+def disclosure_for(settings: Settings, client: ClientIdentity, model: str | None = None) -> Disclosure:
+    """What ``client`` may learn about ``model``'s verdicts: the one place disclosure is decided.
+
+    Trusted callers (``trusted_clients``, ``trusted_metadata``) always get
+    ``score``; everyone else the model's disclosure (``models.<m>.disclosure``),
+    else the global one. ``model=None``: the global one (DetectorService's
+    access check before it knows which model is asked).
+    """
+    if client.trusted:
+        return Disclosure.score
+    return settings.disclosure if model is None else settings.disclosure_for(model)
 
 
 def annotate(response, assessment: Assessment, disclosure: Disclosure = Disclosure.verdict) -> None:

@@ -5,7 +5,7 @@ Beyond a bound a request is refused at once with ``RESOURCE_EXHAUSTED``
 until its deadline expires, so an overload (or one client flooding) degrades
 into fast, retryable refusals while the admitted requests keep their latency.
 
-It is a :class:`~service.observe.RequestHook`: ``admit`` counts a request in,
+It is a :class:`~service.hooks.base.RequestHook`: ``admit`` counts a request in,
 ``release`` (always called once ``admit`` succeeded) counts it out. Only
 intercepted requests of protected models pass through hooks: pass-through
 RPCs (metadata, health, unprotected models) are not counted. Each message of
@@ -19,9 +19,11 @@ from collections import defaultdict
 
 import grpc
 
-from .metrics import SidecarMetrics
-from .observe import RequestContext, RequestHook
-from .settings import Settings
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ..metrics import SidecarMetrics
+from ..settings import Settings
+from .base import RequestContext, RequestHook
 
 
 class LoadShedding(RequestHook):
@@ -32,12 +34,12 @@ class LoadShedding(RequestHook):
     def __init__(self, max_in_flight: int, max_in_flight_per_client: int, metrics: SidecarMetrics) -> None:
         self.max_in_flight = max_in_flight
         self.max_per_client = max_in_flight_per_client
-        self.metrics = metrics
+        self.metrics = metrics.part(SheddingMetrics)
         self.in_flight = 0
         self.per_client: dict[str, int] = defaultdict(int)
 
     async def admit(self, ctx: RequestContext) -> None:
-        from .inference import RequestError  # inference imports observe; avoid the cycle at import time
+        from ..core.requests import RequestError  # inference imports observe; avoid the cycle at import time
 
         key = ctx.client.key
         if self.max_in_flight and self.in_flight >= self.max_in_flight:
@@ -74,3 +76,22 @@ def shedding_hook_from_settings(settings: Settings, metrics: SidecarMetrics) -> 
     if not settings.max_in_flight and not settings.max_in_flight_per_client:
         return None
     return LoadShedding(settings.max_in_flight, settings.max_in_flight_per_client, metrics)
+
+
+class SheddingMetrics:
+    """The load-shedding series (registered by :meth:`service.metrics.SidecarMetrics.part`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.shed = Counter(
+            "advsentry_shed_requests",
+            "Intercepted requests refused with RESOURCE_EXHAUSTED by load shedding, by limit "
+            "(process|client).",
+            ("reason",), registry=registry,
+        )
+        for reason in ("process", "client"):
+            self.shed.labels(reason)
+        self.shed_in_flight = Gauge(
+            "advsentry_admitted_in_flight", "Intercepted requests admitted by load shedding and not yet done.",
+            registry=registry,
+        )
+

@@ -5,7 +5,7 @@ model hundreds of near-duplicates of one image. Per-image scores catch them
 poorly; the sequence of one client's queries does not. For every request the
 exported Triton model also returns ``advsentry_embedding`` (``[B, D]`` unit
 vectors, :mod:`detector.embedding`); :class:`ProbingDetector` keeps, per client
-(:class:`~service.observe.ClientIdentity` ``key``), a ring of its last
+(:class:`~service.hooks.base.ClientIdentity` ``key``), a ring of its last
 ``history`` embeddings and computes each new query's mean L2 distance to its
 ``k`` nearest previous ones (brute force in numpy: at most ``history`` rows).
 Below ``threshold`` (chosen on clean corpus traffic, ``benchmarks/probing.py``)
@@ -14,7 +14,7 @@ Chen et al., so each detection counts a fresh run of near-duplicates).
 
 Memory is bounded: ``history x D`` floats per client and an LRU over at most
 ``max_clients`` clients. :class:`ProbingHook` is the request hook
-(``service/observe.py``) that applies the policy: ``shadow`` (metrics only),
+(``service/hooks/base.py``) that applies the policy: ``shadow`` (metrics only),
 ``annotate`` (response parameter ``advsentry_probing`` while flagged) or
 ``reject`` (``PERMISSION_DENIED`` from :meth:`ProbingHook.admit` during the
 cool-down; the request that triggered the detection itself is served).
@@ -35,9 +35,11 @@ import numpy as np
 
 from detector.embedding import EMBEDDING_OUTPUT
 
-from .metrics import SidecarMetrics
-from .observe import RequestContext, RequestHook, ScoredRequest
-from .settings import ProbingPolicy, Settings
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..metrics import SidecarMetrics
+from ..settings import ProbingPolicy, Settings
+from .base import RequestContext, RequestHook, ScoredRequest
 
 #: Response parameter set (``True``) on responses to a flagged client under ``annotate``.
 PARAM_PROBING = "advsentry_probing"
@@ -168,7 +170,7 @@ class ProbingHook(RequestHook):
                  allow_clients: Iterable[str] = ()) -> None:
         self.detector = detector
         self.policy = policy
-        self.metrics = metrics
+        self.metrics = metrics.part(ProbingMetrics)
         self.allow = frozenset(allow_clients)
 
     def extra_outputs(self, model: str) -> tuple[str, ...]:
@@ -177,7 +179,7 @@ class ProbingHook(RequestHook):
     async def admit(self, ctx: RequestContext) -> None:
         if self.policy is ProbingPolicy.reject and ctx.client.key not in self.allow and \
                 self.detector.flagged(ctx.client.key):
-            from .inference import RequestError
+            from ..core.requests import RequestError
 
             self.metrics.probing_rejected.inc()
             raise RequestError(
@@ -215,3 +217,36 @@ def probing_hook_from_settings(settings: Settings, metrics: SidecarMetrics) -> P
         cooldown_s=settings.probing_cooldown_s,
     )
     return ProbingHook(detector, settings.probing_policy, metrics, settings.probing_allow_clients)
+
+
+class ProbingMetrics:
+    """The probing detector's series (registered by :meth:`service.metrics.SidecarMetrics.part`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.probing_flagged_clients = Counter(
+            "advsentry_probing_flagged_clients",
+            "Times a client was flagged as probing (its recent queries sit too close together).",
+            registry=registry,
+        )
+        self.probing_detections = Counter(
+            "advsentry_probing_detections",
+            "Probing detections by policy (shadow: metrics only; annotate; reject: cool-down refusals follow).",
+            ("policy",), registry=registry,
+        )
+        for policy in ("shadow", "annotate", "reject"):
+            self.probing_detections.labels(policy)
+        self.probing_rejected = Counter(
+            "advsentry_probing_rejected",
+            "Requests refused with PERMISSION_DENIED during a flagged client's cool-down.",
+            registry=registry,
+        )
+        self.probing_clients = Gauge(
+            "advsentry_probing_clients", "Clients whose query history the probing detector holds.", registry=registry
+        )
+        self.probing_knn_distance = Histogram(
+            "advsentry_probing_knn_distance",
+            "Mean distance of a query's embedding to its client's k nearest previous queries (unit vectors, 0..2).",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0),
+            registry=registry,
+        )
+
