@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine with Python 3.11: `make run` and `make test`.
 # Each creates or refreshes the local virtual environment (.venv) first.
 # torch 2.13.0 is installed on its own first so pip takes the local CPU build
-# instead of resolving the newest CUDA build (see DESIGN.md).
+# instead of resolving the newest CUDA build (see docs/architecture.md#environment).
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -15,7 +15,7 @@ stages unless ``--fresh``):
    attacks' kNN distances. The served embedding is the one with the wider gap.
 3. ``threshold``: simulated clean clients (``--clients`` x ``--queries``, each
    drawing distinct corpus **dev** images in random order) through the same
-   :class:`service.probing.ProbingDetector` the sidecar runs (offline, on
+   :class:`service.hooks.probing.ProbingDetector` the sidecar runs (offline, on
    precomputed embeddings, not through gRPC); the threshold is half the 0.1 %
    quantile of the clients' smallest kNN distance (a 2x margin below the
    clean tail), for k in a small sweep.
@@ -37,9 +37,18 @@ stages unless ``--fresh``):
    what makes this stage slow on CPU).
 8. ``cost``: the detector's per-query cost (``observe`` of one embedding)
    against histories of 100 and 1000.
+9. ``queries_to_success``: the reference the detection goal is judged
+   against, measured here rather than assumed: every attack configuration
+   the run uses attacks ``--reference-images`` corpus **dev** images (one per
+   source, seeded; never test images) on the bundled model, with no
+   detector, and records per image the queries until the model is first
+   fooled *within the attack's budget* (:func:`success_budget`). The median
+   over the images where that happened (with the success share) is the
+   attack's median queries-to-success; each image's result is stored as it
+   finishes, so an interrupted run resumes.
 
-``--smoke``: bundled photos instead of the corpus, tiny attacks, no sidecar
-(seconds; checks the code, not a result). Results:
+``--smoke``: bundled photos instead of the corpus, tiny attacks, no sidecar,
+two reference images (seconds; checks the code, not a result). Results:
 ``benchmarks/results/probing.{json,md}``; the recorded attack streams are
 cached under ``--cache`` (default ``.cache/probing``).
 """
@@ -48,8 +57,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +69,6 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, load_average, machine
 
-#: Median queries each attack needs to succeed on the bundled model (issue 12's goals).
-QUERIES_TO_SUCCESS_GOAL = {"square": 22, "square_eps4": 22, "hopskipjump": 55, "one_pixel": 60, "boundary": None}
 FLAG_GOAL = 0.001  # at most 0.1 % of clean clients flagged
 MEDIAN_DETECTION_GOAL = 10
 
@@ -77,6 +86,9 @@ SMOKE_ATTACKS: dict[str, dict[str, Any]] = {
     "square": {"eps": 8 / 255, "n_queries": 8},
     "one_pixel": {"popsize": 8, "max_iter": 1},
 }
+#: Perturbation size, as an L-infinity bound, that success means for attacks without a budget of their own
+#: (HopSkipJump, boundary: minimal-perturbation L2 attacks). See :func:`success_budget`.
+DECISION_SUCCESS_LINF = ATTACKS["square"]["eps"]
 K_SWEEP = (4, 8, 16)
 DEFAULT_K = 8
 MIN_QUERIES = 3
@@ -135,7 +147,7 @@ def _smoke_images():
 def simulate_clients(embeddings: np.ndarray, *, clients: int, queries: int, k: int, threshold: float,
                      seed: int) -> dict[str, Any]:
     """Each client sends ``queries`` distinct images in random order through one :class:`ProbingDetector`."""
-    from service.probing import ProbingDetector
+    from service.hooks.probing import ProbingDetector
 
     rng = np.random.default_rng(seed)
     detector = ProbingDetector(threshold=threshold, k=k, min_queries=MIN_QUERIES, history=HISTORY,
@@ -219,7 +231,7 @@ def record_attack_streams(model, feature: FeatureEmbedder, pixels: torch.Tensor,
 
 def stream_detection(embeddings: np.ndarray, *, threshold: float, k: int) -> dict[str, Any]:
     """Queries (1-based) until the first detection of one client's stream; kNN distances of the judged queries."""
-    from service.probing import ProbingDetector
+    from service.hooks.probing import ProbingDetector
 
     detector = ProbingDetector(threshold=threshold, k=k, min_queries=MIN_QUERIES, history=HISTORY,
                                cooldown_s=1e9, clock=lambda: 0.0)
@@ -314,7 +326,7 @@ def sidecar_runs(pixels: torch.Tensor, attacks: dict[str, dict[str, Any]], thres
 
 
 def observe_cost(dim: int = 64) -> dict[str, Any]:
-    from service.probing import ProbingDetector
+    from service.hooks.probing import ProbingDetector
 
     rng = np.random.default_rng(0)
     rows = {}
@@ -334,6 +346,147 @@ def observe_cost(dim: int = 64) -> dict[str, Any]:
     return rows
 
 
+# --- the reference: queries until an undefended attack succeeds ----------------------------------
+
+
+class _Succeeded(Exception):
+    """Raised by the recording callable at the first success: nothing after it changes the count.
+
+    The attacks are seeded, so the queries before the first success are the same whether or not the
+    attack goes on; stopping there saves most of the time on images the attack wins quickly.
+    """
+
+
+def success_budget(name: str, params: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """What 'the model is fooled within the attack's budget' means for one :data:`ATTACKS` entry.
+
+    * Square (L-infinity or L2 ``eps``): a fooled answer to a query within ``eps`` of the clean image.
+      Square projects every query into that ball, so this is its first fooled answer.
+    * One-pixel: a fooled answer to a query that changes at most ``pixels`` pixels (every query it
+      sends does), so also its first fooled answer.
+    * HopSkipJump and boundary have no budget: they start from a seeded noise image the model already
+      labels differently (their first fooled answer, after two clean-image queries) and walk it towards
+      the clean image. That start is not an adversarial example in any useful sense, so counting it
+      would make them look like 3-query attacks. They succeed at the first fooled query whose L2
+      distance from the clean image is at most that of a full-size L-infinity perturbation at the main
+      Square budget (:data:`DECISION_SUCCESS_LINF` x sqrt(pixels x channels), 12.2 for 8/255 at 224x224,
+      the L2 size of Square's own successful adversarials): the same perturbation energy, measured in the
+      norm these attacks minimize. A blended noise start that is already that close counts, since it is
+      then as small as Square's.
+    """
+    from detector.attacks import make_attack
+
+    algorithm, attack_params = _attack(name, params)
+    attack = make_attack(algorithm, lambda x: x, **attack_params)
+    if attack.norm in ("linf", "l2") and attack.budget is not None:
+        return {"norm": attack.norm, "bound": attack.budget, "rule": f"{attack.norm} <= eps"}
+    if attack.norm == "l0":
+        return {"norm": "l0", "bound": float(attack.params["pixels"]), "rule": "pixels changed <= pixels"}
+    bound = DECISION_SUCCESS_LINF * math.sqrt(math.prod(image_shape))
+    return {"norm": "l2", "bound": bound,
+            "rule": f"l2 <= {DECISION_SUCCESS_LINF * 255:.0f}/255 x sqrt({math.prod(image_shape)})"}
+
+
+def reference_images(sources: list[str], count: int, seed: int) -> list[int]:
+    """Indices of ``count`` inputs with distinct sources, in a seeded random order of the sources.
+
+    One input per source (an original photo or cut-out gives up to four crops or composites) so that
+    no photo is counted twice in the median.
+    """
+    first: dict[str, int] = {}
+    for index, source in enumerate(sources):
+        first.setdefault(source, index)
+    order = np.random.default_rng(seed).permutation(len(first))
+    unique = list(first.values())
+    return [unique[i] for i in order[:count]]
+
+
+def measure_queries_to_success(model: torch.nn.Module, pixels: torch.Tensor, image_ids: list[str],
+                               attacks: dict[str, dict[str, Any]], runs: dict[str, Any],
+                               save: Callable[[], None], seed: int = 0) -> dict[str, Any]:
+    """Each attack on each image with no detector: queries (1-based) until the first success within budget.
+
+    Queries are counted as the detector counts them: every image sent to the model, the attack
+    library's clean-image predictions included, so the numbers compare directly with 'queries until
+    detection'. ``runs`` holds finished results (keys ``attack/image``) and is updated in place, with
+    ``save()`` after each, so an interrupted run resumes; a result measured with other parameters or
+    another budget is measured again. ``None``: not fooled within budget before the attack ended.
+    """
+    from detector.attacks import QueryModel, make_attack
+    from detector.attacks.common import perturbation_norms
+
+    for name, entry in attacks.items():
+        algorithm, params = _attack(name, entry)
+        budget = success_budget(name, entry, tuple(pixels.shape[1:]))
+        tolerance = 1e-5 * budget["bound"] + 1e-6  # float round-off of the attacks' own projections
+        for position, image_id in enumerate(image_ids):
+            key = f"{name}/{image_id}"
+            previous = runs.get(key)
+            if previous is not None and previous["params"] == params and previous["budget"] == budget:
+                continue
+            clean = pixels[position:position + 1]
+            with torch.no_grad():
+                label = int(model(clean).argmax(1))
+            state: dict[str, Any] = {"sent": 0, "first_fooled": None, "success": None,
+                                     "smallest_fooled": None}
+
+            def predict(x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    logits = model(x)
+                fooled = (logits.argmax(1) != label).tolist()
+                norms = perturbation_norms(x, clean.expand_as(x))
+                for i, hit in enumerate(fooled):
+                    state["sent"] += 1
+                    if not hit:
+                        continue
+                    state["first_fooled"] = state["first_fooled"] or state["sent"]
+                    l2, linf = float(norms["l2"][i]), float(norms["linf"][i])
+                    best = state["smallest_fooled"]
+                    if best is None or l2 < best["l2"]:
+                        state["smallest_fooled"] = {"l2": l2, "linf": linf}
+                    if float(norms[budget["norm"]][i]) <= budget["bound"] + tolerance:
+                        state["success"] = state["sent"]
+                        state["sent"] += len(fooled) - i - 1  # the rest of the call was sent too
+                        raise _Succeeded
+                return logits
+
+            started = time.perf_counter()
+            try:
+                make_attack(algorithm, QueryModel(predict, max_batch=8), seed=seed + position, quantize=True,
+                            **params)(clean, torch.tensor([label]))
+            except _Succeeded:
+                pass
+            runs[key] = {
+                "attack": name, "image": image_id, "params": params, "budget": budget, "label": label,
+                "queries_until_success": state["success"], "first_fooled": state["first_fooled"],
+                "queries_sent": state["sent"], "smallest_fooled": state["smallest_fooled"],
+                "seconds": time.perf_counter() - started,
+            }
+            print(f"  queries-to-success {key}: {state['success']} (sent {state['sent']}, "
+                  f"{runs[key]['seconds']:.1f} s)", flush=True)
+            save()
+    return runs
+
+
+def reference_summary(runs: dict[str, Any], attacks: dict[str, dict[str, Any]],
+                      image_ids: list[str]) -> dict[str, Any]:
+    """Per attack: the median over the images it fooled within budget, the success share, the raw counts."""
+    summary = {}
+    for name in attacks:
+        rows = [runs[f"{name}/{image_id}"] for image_id in image_ids]
+        counts = [row["queries_until_success"] for row in rows]
+        succeeded = [c for c in counts if c is not None]
+        summary[name] = {
+            "images": len(rows), "successes": len(succeeded),
+            "success_share": len(succeeded) / len(rows) if rows else 0.0,
+            "median": float(statistics.median(succeeded)) if succeeded else None,
+            "budget": rows[0]["budget"] if rows else None,
+            "queries_until_success": counts, "first_fooled": [row["first_fooled"] for row in rows],
+            "queries_sent": [row["queries_sent"] for row in rows],
+        }
+    return summary
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 
@@ -346,7 +499,9 @@ def _median(values: list[int | None]) -> float | None:
 
 
 def summarize(doc: dict[str, Any]) -> dict[str, Any]:
+    """The goals, judged against the queries-to-success this run measured (``doc["queries_to_success"]``)."""
     threshold = doc["threshold"]["chosen"]
+    reference = doc["queries_to_success"]["attacks"]
     per_attack: dict[str, Any] = {}
     for source in ("attacks_offline_detection", "sidecar"):
         for row in doc.get(source, {}).values():
@@ -367,16 +522,20 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
         # the detection after the call holding the detecting image); offline, per image, when absent.
         detections = entry["sidecar"] or entry["offline"]
         worst = None if any(v is None for v in detections) else max(detections, default=None)
-        goal = QUERIES_TO_SUCCESS_GOAL.get(name)
+        measured = reference[name]  # a KeyError here: an attack judged without its measured reference
+        goal = measured["median"]
         own = entry["own_success_first"] if entry["sidecar"] else [None] * len(detections)
         # Before success: every run detected, before its own success where it has one (Square), else
-        # before the attack's median queries-to-success on the bundled model (the issue's reference).
+        # before the attack's measured median queries-to-success on the bundled model (stage 9). An
+        # attack that fooled no reference image within its budget has no success to come first: any
+        # detection is in time (the share of 0 says so in the report).
         in_time = [d is not None and d < (o if o is not None else goal if goal is not None else float("inf"))
                    for d, o in zip(detections, own)]
         attacks[name] = {
             "runs": len(detections), "detection_sidecar": entry["sidecar"], "detection_offline": entry["offline"],
             "median_detection": _median(detections), "worst_detection": worst,
-            "queries_to_success_goal": goal, "first_fooled_offline": entry["success_offline"],
+            "queries_to_success_goal": goal, "queries_to_success_share": measured["success_share"],
+            "queries_to_success_images": measured["images"], "first_fooled_offline": entry["success_offline"],
             "queries_sent_offline": entry["sent_offline"],
             "undetected_runs": sum(v is None for v in detections),
             "own_success_sidecar": entry["own_success_first"],
@@ -411,15 +570,36 @@ def markdown(doc: dict[str, Any]) -> str:
         "for HopSkipJump and boundary that is their noise starting point, not a small perturbation.",
         "",
         "| attack | queries until detection, sidecar (reject) | offline, full streams | median | worst | "
-        "median queries-to-success (issue's reference) | sidecar run's own success (Square) | "
+        "median queries-to-success, measured (images fooled within budget) | sidecar run's own success (Square) | "
         "offline: first fooled answer | offline: queries sent | detected in time |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in s["attacks"].items():
+        fooled = round(a["queries_to_success_share"] * a["queries_to_success_images"])
         lines.append(f"| {name} | {a['detection_sidecar']} | {a['detection_offline']} | {a['median_detection']} | "
-                     f"{a['worst_detection']} | {a['queries_to_success_goal']} | {a['own_success_sidecar']} | "
+                     f"{a['worst_detection']} | {a['queries_to_success_goal']} ({fooled}/"
+                     f"{a['queries_to_success_images']}) | {a['own_success_sidecar']} | "
                      f"{a['first_fooled_offline']} | {a['queries_sent_offline']} | "
                      f"{a['runs_detected_in_time']}/{a['runs']} |")
+    q = doc["queries_to_success"]
+    lines += [
+        "", f"Median queries-to-success (the reference above), measured by this run: each attack, with the "
+        f"parameters above and no detector, on {len(q['images'])} {q['selection']}; per image, the queries "
+        "(images sent to the model, counted as for detection) until the first answer of another class to a "
+        "query within the attack's budget. Square: within eps (every Square query is); one-pixel: one pixel "
+        "changed (every query is); HopSkipJump and boundary have no budget and their first fooled answer is "
+        "their noise starting point, so they count from the first fooled query within the L2 size of a full "
+        f"{DECISION_SUCCESS_LINF * 255:.0f}/255 L-infinity perturbation. The median is over the fooled images; "
+        "an attack that fooled none has no success to come first. 'None': not fooled within budget before "
+        "the attack ended.", "",
+        "| attack | success means | images fooled within budget | median | per image | first fooled answer "
+        "(any size) | queries sent |", "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in q["attacks"].items():
+        budget = r["budget"]
+        lines.append(f"| {name} | {budget['norm']} <= {budget['bound']:.4g} | {r['successes']}/{r['images']} "
+                     f"({r['success_share']:.0%}) | {r['median']} | {r['queries_until_success']} | "
+                     f"{r['first_fooled']} | {r['queries_sent']} |")
     ct, dev = doc["clean_test"], doc["threshold"]["dev"]
     lines += [
         "", "| clean clients | clients | queries each | flagged | share |", "|---|---|---|---|---|",
@@ -461,6 +641,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache", type=Path, default=Path(__file__).resolve().parents[1] / ".cache" / "probing")
     parser.add_argument("--feature-subsample", type=int, default=160, help="dev images embedded by the model")
     parser.add_argument("--no-sidecar", action="store_true")
+    parser.add_argument("--reference-images", type=int, default=16,
+                        help="corpus dev images (one per source) each attack runs on, undefended, for its median "
+                             "queries-to-success")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     name = "probing_smoke" if args.smoke else "probing"
@@ -488,11 +671,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Clean embeddings: the corpus (dev/test) or, for smoke, the bundled photos.
     if args.smoke:
         dev_pixels = test_pixels = _smoke_images()
+        dev_ids = dev_sources = [f"smoke-{i}" for i in range(len(dev_pixels))]
     else:
         from detector.corpus import load_corpus
 
         corpus = load_corpus()
-        dev_pixels, _ = _clean_pixels(corpus.split("dev"))
+        dev_pixels, dev_sources = _clean_pixels(corpus.split("dev"))
+        dev_ids = [image.id for image in corpus.split("dev")]
         test_pixels, _ = _clean_pixels(corpus.split("test"))
     dev = embed(dev_pixels)
     test = embed(test_pixels)
@@ -583,6 +768,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 8. cost
     if "cost" not in doc:
         doc["cost"] = observe_cost()
+
+    # 9. the reference: median queries-to-success of each undefended attack, on dev images
+    chosen = reference_images(dev_sources, 2 if args.smoke else args.reference_images, seed=5)
+    reference_ids = [dev_ids[i] for i in chosen]
+    attacks = SMOKE_ATTACKS if args.smoke else ATTACKS
+    q = doc.setdefault("queries_to_success", {})
+    q.update(images=reference_ids, selection="bundled photos, mirrors and crops (smoke)" if args.smoke else
+             "corpus dev images, one per source (seeded)")
+    runs = q.setdefault("runs", {})
+    print(f"queries-to-success on {len(reference_ids)} dev images ...", flush=True)
+    measure_queries_to_success(model, dev_pixels[chosen], reference_ids, attacks, runs, save)
+    wanted = {f"{name}/{image_id}" for name in attacks for image_id in reference_ids}
+    q["runs"] = {key: row for key, row in runs.items() if key in wanted}  # drop images no longer chosen
+    q["attacks"] = reference_summary(q["runs"], attacks, reference_ids)
     doc["summary"] = summarize(doc)
     save()
     (args.results_dir / f"{name}.md").write_text(markdown(doc))
