@@ -87,6 +87,18 @@ class SidecarMetrics:
             "(scoring_error|outputs_missing|calibration_error|no_threshold). Fail-open answers are counted here too.",
             ("model", "reason"), registry=r,
         )
+        self.protection_mode = Gauge(
+            "advsentry_model_protection",
+            "How each model seen is protected (1 for its mode): signals (Triton computes them) | maps (scored here) | "
+            "unservable (protected, its outputs serve neither: counted unscored) | calibration_error | unprotected.",
+            ("model", "mode"), registry=r,
+        )
+        self.unprotected = Counter(
+            "advsentry_unprotected_requests",
+            "Intercepted requests forwarded unscored because their model is not protected (not listed under "
+            "models, and under protect_all not exported by advsentry).",
+            ("model",), registry=r,
+        )
         self.upstream_latency = Histogram(
             "advsentry_upstream_latency_seconds", "Time in the upstream Triton call.", LABELS,
             buckets=_LATENCY_BUCKETS, registry=r,

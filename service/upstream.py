@@ -99,6 +99,14 @@ class Upstream:
         self._cache[key] = (time.monotonic(), spec)
         return spec
 
+    async def model_names(self) -> list[str]:
+        """The ready models of the upstream's repository (empty when it cannot be asked)."""
+        try:
+            reply = await self.stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError:
+            return []
+        return sorted({model.name for model in reply.models})
+
     async def ready(self) -> bool:
         try:
             reply = await self.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=self.timeout_s)

@@ -173,6 +173,8 @@ class RecordingTap:
 
         self.calls: list[tuple[str, dict[str, str], float]] = []
         self.infer_delay_s = infer_delay_s
+        self.infer_in_flight = 0
+        self.most_infer_in_flight = 0  # the most ModelInfer calls in progress at once
         self.loop = LoopThread()
         methods = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
         service = "inference.GRPCInferenceService"
@@ -186,12 +188,18 @@ class RecordingTap:
                 async def forward(request: bytes, context):
                     metadata = {k: (v if isinstance(v, str) else v.decode()) for k, v in context.invocation_metadata()}
                     self.calls.append((method, metadata, time.monotonic()))
-                    if method == "ModelInfer" and self.infer_delay_s:
-                        await asyncio.sleep(self.infer_delay_s)
+                    infer = method == "ModelInfer"
+                    if infer:
+                        self.infer_in_flight += 1
+                        self.most_infer_in_flight = max(self.most_infer_in_flight, self.infer_in_flight)
                     try:
+                        if infer and self.infer_delay_s:
+                            await asyncio.sleep(self.infer_delay_s)
                         return await call(request, timeout=30)
                     except grpc.aio.AioRpcError as error:
                         await context.abort(error.code(), error.details() or "")
+                    finally:
+                        self.infer_in_flight -= infer
 
                 return grpc.unary_unary_rpc_method_handler(forward)
 

@@ -302,9 +302,21 @@ def test_passthrough_rpcs_identical_to_direct(sidecar, triton):
     client = grpcclient.InferenceServerClient(sidecar.address)
     x = grpcclient.InferInput("x", [1, 4], "FP32")
     x.set_data_from_numpy(np.arange(4, dtype=np.float32)[None])
+    before = sidecar.sidecar.metrics.registry.get_sample_value("advsentry_unprotected_requests_total",
+                                                                {"model": "plain"}) or 0
     result = client.infer("plain", [x])
     np.testing.assert_array_equal(result.as_numpy("y"), [[0, 2, 4, 6]])
     assert not result.get_response().parameters
+    # ... but never silently: counted, and listed as unprotected at start-up (issue 21)
+    assert sidecar.sidecar.metrics.registry.get_sample_value("advsentry_unprotected_requests_total",
+                                                             {"model": "plain"}) == before + 1
+
+
+def test_start_up_lists_every_model_and_how_it_is_protected(sidecar):
+    assert sidecar.sidecar.protection_modes == {MODEL: "signals", "tiny": "signals", "plain": "unprotected"}
+    registry = sidecar.sidecar.metrics.registry
+    for model, mode in sidecar.sidecar.protection_modes.items():
+        assert registry.get_sample_value("advsentry_model_protection", {"model": model, "mode": mode}) == 1
 
 
 def test_user_model_exported_with_factory_is_protected(sidecar):

@@ -75,6 +75,11 @@ from .requests import (
 
 LOGGER = logging.getLogger("service.core.inference")
 
+#: How a model is protected (``advsentry_model_protection{mode}``, the start-up listing): Triton computes the
+#: detector's signals; the sidecar scores its maps; protected but its outputs serve neither (every request counted
+#: unscored); its calibration cannot be loaded; not protected (not listed, and not exported by advsentry).
+PROTECTION_MODES = ("signals", "maps", "unservable", "calibration_error", "unprotected")
+
 #: Seconds between two log lines of the same (model, reason) of unscored requests (the counter counts all).
 UNSCORED_LOG_INTERVAL_S = 30.0
 
@@ -166,6 +171,7 @@ class InferenceCore:
     hooks: list[RequestHook] = field(default_factory=list)
     _tracer: trace.Tracer = field(init=False)
     _log_limiter: _LogLimiter = field(init=False)
+    _modes: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._tracer = get_tracer(self.tracer_provider)
@@ -195,23 +201,55 @@ class InferenceCore:
         Raises :class:`RequestError` (FAILED_PRECONDITION) when the model's
         calibration cannot be loaded; that request is counted unscored.
         """
-        explicit = self.settings.protection_for(model)
-        if not required and explicit is None and not self.settings.protect_all:
-            return None, None
-        spec = await self.metadata_lookup(model, version)
-        outputs = set(spec.outputs) if spec is not None else None
-        if not required and explicit is None and not self._auto_protected(model, outputs):
-            return None, spec
         try:
-            detector = self.registry.get(model, outputs=outputs)
+            protection, spec, _ = await self.resolve_protection(model, version, required=required)
         except CalibrationError as error:
             self._count_unscored(model, "calibration_error", str(error))
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"model {model!r}: {error}") from error
+        return protection, spec
+
+    async def resolve_protection(self, model: str, version: str, *, required: bool = False
+                                 ) -> tuple[Protection | None, ModelSpec | None, str]:
+        """:meth:`protection` without counting, plus its mode (see :data:`PROTECTION_MODES`); publishes the mode.
+
+        Raises ``CalibrationError`` when the model's calibration cannot be loaded.
+        """
+        explicit = self.settings.protection_for(model)
+        spec = None
+        if required or explicit is not None or self.settings.protect_all:
+            spec = await self.metadata_lookup(model, version)
+        outputs = set(spec.outputs) if spec is not None else None
+        if not required and explicit is None and (not self.settings.protect_all
+                                                  or not self._auto_protected(model, outputs)):
+            self._publish_mode(model, "unprotected")
+            return None, spec, "unprotected"
+        try:
+            detector = self.registry.get(model, outputs=outputs)
+        except CalibrationError:
+            self._publish_mode(model, "calibration_error")
+            raise
         known = outputs if outputs is not None else self.registry.known_outputs(model)
         serving = detector.serving(known, prefer_signals=self.settings.entropy_in is EntropyIn.auto)
         # DetectorService (required) exists to return a verdict: without one it always answers an error
         failure = ScoringFailure.closed if required else self.settings.scoring_failure_for(model)
-        return Protection(detector, self.settings.policy_for(model), serving, failure), spec
+        mode = "unservable" if serving is None else serving.kind
+        if not required:
+            self._publish_mode(model, mode)
+        return Protection(detector, self.settings.policy_for(model), serving, failure), spec, mode
+
+    def _publish_mode(self, model: str, mode: str) -> None:
+        """``advsentry_model_protection{model,mode}``: one series at 1 per model, the mode last seen."""
+        previous = self._modes.get(model)
+        if previous == mode:
+            return
+        if previous is not None:
+            self.metrics.protection_mode.labels(model, previous).set(0)
+        self.metrics.protection_mode.labels(model, mode).set(1)
+        self._modes[model] = mode
+        if mode == "unprotected" and self.settings.protect_all:
+            LOGGER.warning("model %s is not protected: it serves none of advsentry's outputs (export it with "
+                           "`advsentry export-model`, or list it under models: to protect it); its requests are "
+                           "forwarded unscored and counted in advsentry_unprotected_requests_total", model)
 
     # ---- entry points ---------------------------------------------------------------------------
 
@@ -296,6 +334,7 @@ class InferenceCore:
         protection, spec = await self.protection(ctx.model, ctx.version, required=required)
         if protection is None:
             span.set_attribute("advsentry.protected", False)
+            self.metrics.unprotected.labels(ctx.model).inc()
             return await self._call_upstream(request, upstream, ctx.metadata)
         span.set_attribute("advsentry.protected", True)
         span.set_attribute("advsentry.policy", protection.policy.value)

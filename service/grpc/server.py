@@ -120,7 +120,37 @@ class Sidecar:
             "advsentry sidecar on %s:%s -> Triton %s (metrics on :%s, policy %s)",
             s.host, self.port, self.upstream_address, self.metrics_port, s.policy.value,
         )
+        self.protection_modes = await self.announce_models()
         return self
+
+    async def announce_models(self) -> dict[str, str]:
+        """Log how every model the upstream serves (and every listed one) is protected; published as a metric."""
+        from detector import CalibrationError
+
+        from ..core.requests import RequestError
+
+        modes: dict[str, str] = {}
+        for name in sorted({*await self.upstream.model_names(), *self.settings.models}):
+            try:
+                protection, _, mode = await self.core.resolve_protection(name, "")
+            except CalibrationError as error:
+                modes[name] = "calibration_error"
+                LOGGER.error("model %s: its calibration cannot be loaded: %s", name, error)
+                continue
+            except RequestError as error:  # metadata unreadable: the first request will say why
+                modes[name] = "unknown"
+                LOGGER.warning("model %s: cannot read its metadata now: %s", name, error.message)
+                continue
+            modes[name] = mode
+            detail = "" if protection is None else (
+                f", calibration {protection.detector.calibration_id or 'none'}, policy {protection.policy.value}")
+            LOGGER.info("model %s: %s%s", name, {
+                "signals": "protected, Triton computes the signals", "maps": "protected, the sidecar scores the maps",
+                "unservable": "PROTECTED BUT UNSERVABLE: its outputs serve neither the signals nor the maps of its "
+                              "calibration, every request is counted unscored",
+                "unprotected": "not protected",
+            }.get(mode, mode) + detail)
+        return modes
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace`` seconds."""
