@@ -302,9 +302,13 @@ def probing_rows(doc: dict[str, Any] | None) -> list[str]:
     attacks = "; ".join(f"{name}: median {a['median_detection']}, worst {a['worst_detection']}, in time "
                         f"{a.get('runs_detected_in_time', '?')}/{a.get('runs', '?')}" for name, a in s["attacks"].items())
     ct = doc["clean_test"]
+    measured = doc.get("queries_to_success", {}).get("attacks", {})
+    reference = ", ".join(f"{name} {r['median'] if r['median'] is not None else 'none'} ({r['successes']}/{r['images']})"
+                          for name, r in measured.items()) or "not measured"
     return [
         f"| 8a. probing: detection before success | every attack detected before its median query-to-success | "
-        f"Square ≈ 22 (or a run's own success), HopSkipJump ≈ 55, one-pixel ≈ 60 queries; through the sidecar | "
+        f"measured medians, undefended, on corpus dev images (fooled within budget): {reference} (or a run's own "
+        f"success); through the sidecar | "
         f"{attacks} | | "
         f"{_verdict(s['goals']['every_attack_before_success'])} |",
         f"| 8b. probing: median detection | ≤ 10 queries | | {s['median_detection']} | | "

@@ -31,7 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 EXPECTED_PAGES = {"docs/architecture.md", "docs/detection.md", "docs/calibration.md", "docs/operations.md",
-                  "docs/security.md", "docs/explain.md", "docs/benchmarks.md"}
+                  "docs/security.md", "docs/explain.md", "docs/benchmarks.md", "docs/own-model.md"}
 
 R = "benchmarks/results/"
 STUDY = R + "corpus_study_learned/results.json"  # the shipped default's study
@@ -51,6 +51,8 @@ SOAK = R + "fault_soak.json"
 EXPLAIN = R + "explain_sample/explanation.json"
 PROBE = R + "probe_sample/corpus_dev/probe.json"
 BUNDLED = "docs/results/bundled_scores.json"
+OWN = R + "own_model/lite2_smoke_calibration.json"
+OWN_TIMES = R + "own_model/timings.json"
 
 
 # ---- reading the results ----------------------------------------------------------------------------
@@ -240,6 +242,7 @@ def quotes(doc: str, snippet: str, source: str, *items: tuple[str, str | Callabl
 RM, ARCH, DET, CAL, OPS, SEC, EXP, BEN = ("README.md", "docs/architecture.md", "docs/detection.md",
                                         "docs/calibration.md", "docs/operations.md", "docs/security.md",
                                         "docs/explain.md", "docs/benchmarks.md")
+OWN_PAGE = "docs/own-model.md"
 T = "test/chosen/"
 
 QUOTES: list[Quote] = [
@@ -421,10 +424,24 @@ QUOTES: list[Quote] = [
             ("12", sidecar_detection("boundary"), dec(0))),
     *quotes(SEC, "all of them are caught at their 4th–5th query", PROBING,
             ("4", offline_detection(0), dec(0)), ("5", offline_detection(-1), dec(0))),
-    *quotes(SEC, "HopSkipJump (≈ 55) and one-pixel (≈ 60), median 10 overall", PROBING,
-            ("55", "summary/attacks/hopskipjump/queries_to_success_goal", count),
-            ("60", "summary/attacks/one_pixel/queries_to_success_goal", count),
-            ("10", "summary/median_detection", dec(0))),
+    *quotes(SEC, "is 5 for Square 8/255 (15 of 16 images fooled), 16 for Square 4/255 (13 of 16), 69 for "
+            "HopSkipJump and 238 for boundary (1 of 16 each", PROBING,
+            ("5", "queries_to_success/attacks/square/median", dec(0)),
+            ("15", "queries_to_success/attacks/square/successes", count),
+            ("16", "queries_to_success/attacks/square/images", count),
+            ("16", "queries_to_success/attacks/square_eps4/median", dec(0)),
+            ("13", "queries_to_success/attacks/square_eps4/successes", count),
+            ("69", "queries_to_success/attacks/hopskipjump/median", dec(0)),
+            ("238", "queries_to_success/attacks/boundary/median", dec(0)),
+            ("1", "queries_to_success/attacks/boundary/successes", count)),
+    *quotes(SEC, "and one-pixel fooled 0 of 16.", PROBING,
+            ("0", "queries_to_success/attacks/one_pixel/successes", count)),
+    *quotes(SEC, "boundary and one-pixel in 2 of 2 runs each, median 10 queries overall. **Not met for Square "
+            "8/255** (1 of 2 runs)", PROBING,
+            ("2", "summary/attacks/one_pixel/runs_detected_in_time", count),
+            ("10", "summary/median_detection", dec(0)),
+            ("1", "summary/attacks/square/runs_detected_in_time", count),
+            ("2", "summary/attacks/square/runs", count)),
     *quotes(SEC, "fools the bundled model on 3 of 4 photos (2 of 4 at 4/255)", PROBING,
             ("3", fooled_first("square"), count), ("2", fooled_first("square_eps4"), count),
             ("4", lambda d: len(d["summary"]["attacks"]["square"]["first_fooled_offline"]), count)),
@@ -482,7 +499,7 @@ QUOTES: list[Quote] = [
             ("2026-11-30", "created_at", day), ("cal-3a02ff8dfcbb", calibration_in("data/origin"), text)),
     Quote(BEN, "`benchmarks/results/explain_sample/explanation.json` | — | `cal-3a02ff8dfcbb`", EXPLAIN,
           "cal-3a02ff8dfcbb", "calibration", text),
-    Quote(BEN, "`benchmarks/results/probing.json` | 2026-11-30", PROBING, "2026-11-30", "created_at", day),
+    Quote(BEN, "`benchmarks/results/probing.json` | 2026-12-04", PROBING, "2026-12-04", "created_at", day),
     Quote(BEN, "`benchmarks/results/fuzz.json`, `fault_soak.json` | 2026-11-30", FUZZ, "2026-11-30", "created_at", day),
     Quote(BEN, "`benchmarks/results/fuzz.json`, `fault_soak.json` | 2026-11-30", SOAK, "2026-11-30", "created_at", day),
     Quote(BEN, "`benchmarks/results/corpus_study_learned/results.json` | the shipped default's study | "
@@ -537,6 +554,20 @@ QUOTES: list[Quote] = [
     *quotes(BEN, "the sidecar keeps 90–105 % of the throughput", PROXY,
             ("90", proxy_span("efficientnet", "vs_direct_with_entropies", 0), pct(0)),
             ("105", proxy_span("efficientnet", "vs_direct_with_entropies", -1), pct(0))),
+    # --- docs/own-model.md: the journey's smoke run (benchmarks/results/own_model/) ---
+    *quotes(OWN_PAGE, "calibration cal-fe7cdf356cf2: threshold 1.092101 (target FPR 0.05)", OWN,
+            ("cal-fe7cdf356cf2", "id", text), ("1.092101", "threshold", dec(6))),
+    *quotes(OWN_PAGE, "realized held-out FPR 0.0% [0.0, 18.5] (0/18)", OWN,
+            ("0.0", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr"], dec(1)),
+            ("18.5", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["high"], dec(1)),
+            ("18", "results/operating_points/0/held_out_clean", count)),
+    *quotes(OWN_PAGE, "set on threshold split: 12 clean, 12 sources", OWN,
+            ("12", "results/operating_points/0/threshold_set_on/clean", count)),
+    *quotes(OWN_PAGE, "fgsm: AUC 0.963", OWN, ("0.963", "results/attacks/fgsm/detection/auc/value", dec(3))),
+    *quotes(OWN_PAGE, "TPR at threshold 0.778", OWN, ("0.778", "results/attacks/fgsm/tpr_at_threshold/0.05", dec(3))),
+    *quotes(OWN_PAGE, "Expected output (60 images, 284 s on 2 cores under load", OWN_TIMES,
+            ("284", "wall_s/calibrate", dec(0))),
+    *quotes(OWN_PAGE, "(9.4 s.)", OWN_TIMES, ("9.4", "wall_s/export", dec(1))),
 ]
 
 NUMBER = re.compile(r"\d{4}-\d{2}-\d{2}|[−-]?\d[\d,]*(?:\.\d+)?(?:e[−-]?\d+)?")

@@ -130,11 +130,54 @@ class CalibrationJob:
                     config.weights_sha256 or (identity.weights_sha256 if identity else "unknown"),
                 )
             surrogate = load_model(config.surrogate, config.surrogate_weights, self.device)[0] if config.surrogate else None
-            detector = Detector(self.features, combiner=self.combiner, model_identity=identity, device=self.device)
+            if local is not None and not isinstance(local, torch.jit.ScriptModule) and any(
+                    getattr(c, "layer", None) for c in self.features.values()):  # TorchScript: refused below
+                self.features = self.bind_layers(local)
+            scoring = dict(self.features)
+            learned: dict[str, LearnedSignal] = {}
+            if config.refit_signals:  # refitted at the end: scored as placeholders, their raw parts kept
+                learned = dict(self.learned)
+                scoring.update({name: stages.PendingRefit(signal) for name, signal in learned.items()})
+            detector = Detector(scoring, combiner=self.combiner, model_identity=identity, device=self.device)
             scorer = Scorer(detector, local=None if config.scores_via_triton else local, endpoint=endpoint)
             self._identity = identity
-            self._runtime = stages.Runtime(config, self.plan, scorer, local, surrogate, endpoint, self.device)
+            self._runtime = stages.Runtime(config, self.plan, scorer, local, surrogate, endpoint, self.device,
+                                           learned=learned)
         return self._runtime
+
+    def bind_layers(self, local: torch.nn.Module) -> dict[str, FeatureConfig]:
+        """The detector's layers on ``local``: kept where it has them, else its layer of the same role.
+
+        A shipped detector's layers are named after the bundled model
+        (``net._blocks.10``); on another model each one moves to the layer
+        that plays its role there (:mod:`detector.layers`: the block at the
+        same resolution). A learned signal that moves must be refitted
+        (``--refit-signals``); anything that cannot be placed is a
+        :class:`JobConfigError` naming the layers the model has.
+        """
+        from detector.layers import LayerError, rebind_features
+        from detector.models import BUNDLED_MODEL_NAME, load_bundled_model
+
+        artifact = resolve_detector(self.config.detector).artifact
+        on_bundled = artifact is None or artifact.model.name == BUNDLED_MODEL_NAME
+        try:
+            reference = load_bundled_model(self.device) if on_bundled and self.config.model != "bundled" else None
+            features, moved = rebind_features(self.features, local, self.config.image_size, reference=reference)
+        except LayerError as error:
+            raise JobConfigError(f"detector {self.config.detector!r} on model {self.config.model!r}: {error}") from error
+        learned_moved = sorted(name for name in moved if isinstance(features[name], LearnedSignal))
+        if learned_moved and not self.config.refit_signals:
+            raise JobConfigError(
+                f"detector {self.config.detector!r} was fitted on another model: its learned signal(s) "
+                f"{', '.join(learned_moved)} read "
+                + ", ".join(f"{moved[n][0]!r}" for n in learned_moved)
+                + f", which model {self.config.model!r} does not have as fitted; pass --refit-signals to fit them on "
+                "this model's layers of the same role ("
+                + ", ".join(f"{moved[n][1]!r}" for n in learned_moved) + ")"
+            )
+        for name, (old, new) in moved.items():
+            LOGGER.info("signal %s: layer %s -> %s (same role on this model)", name, old, new)
+        return features
 
     @property
     def identity(self) -> ModelIdentity:

@@ -15,7 +15,7 @@ pass that scored them, so the job can refit the signals afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,8 @@ class Runtime:
     surrogate: nn.Module | None
     endpoint: TritonEndpoint | None
     device: torch.device
+    #: with ``refit_signals``: the learned signals whose raw parts the units keep (templates allowed)
+    learned: dict[str, LearnedSignal] = field(default_factory=dict)
 
     def attack_model(self, spec: AttackSpec) -> nn.Module | QueryModel:
         if spec.transfer:
@@ -65,16 +67,35 @@ def learned_signals(runtime: Runtime) -> dict[str, LearnedSignal]:
     """The detector's learned signals whose raw parts the units keep: all of them with ``refit_signals``, else none."""
     if not runtime.config.refit_signals:
         return {}
-    return {name: c for name, c in runtime.scorer.detector.features.items() if isinstance(c, LearnedSignal)}
+    return dict(runtime.learned)
+
+
+@dataclass(frozen=True)
+class PendingRefit(Signal):
+    """Stands in, while the units are scored, for a learned signal that is refitted at the end (a template).
+
+    A template has no values yet (its parameters belong to the layer it was
+    moved from, or to none); the units keep its raw part, and its column is
+    rewritten by the refit (:meth:`CalibrationJob.refit_signals`). Its value
+    here is 0, never read. It reads the template's layers, so the scoring
+    pass captures them.
+    """
+
+    template: LearnedSignal | None = None
+
+    def layers(self) -> set[str]:
+        return self.template.layers() if self.template is not None else set()
+
+    def values(self, context: SignalContext) -> torch.Tensor:
+        return torch.zeros(context.pixels.shape[0], device=context.pixels.device)
 
 
 def _score(runtime: Runtime, batch: torch.Tensor, rows: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The detector's maps of ``batch`` and (with ``refit_signals``) the learned signals' raw parts of its first ``rows``.
 
     The raw parts come from the activations of the scoring call's own (first)
-    forward pass; for a fitted signal, ``from_raw(raw)`` is checked against
-    the value the scoring call served, so a stored raw part is exactly what
-    the served value was computed from.
+    forward pass; the learned signals' own columns are placeholders then
+    (:class:`PendingRefit`), rewritten from these raw parts by the refit.
     """
     learned = learned_signals(runtime)
     if not learned:
@@ -86,16 +107,8 @@ def _score(runtime: Runtime, batch: torch.Tensor, rows: int) -> tuple[dict[str, 
     with capture_first(local, layers) as captured:
         maps, logits = runtime.scorer.maps(batch)
     context = SignalContext(local, batch.to(runtime.scorer.detector.device), logits, activations=captured)
-    raw: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, signal in learned.items():
-            value = signal.raw(context).float()
-            if signal.fitted:
-                served, recomputed = Signal.reduce(maps[name]), signal.from_raw(value).float()
-                if not torch.allclose(served, recomputed, rtol=1e-4, atol=1e-5):
-                    raise RuntimeError(f"learned signal {name!r}: raw part does not reproduce the served value "
-                                       f"(max difference {float((served - recomputed).abs().max()):.3g})")
-            raw[name] = stored_form(value[:rows]).cpu()
+        raw = {name: stored_form(signal.raw(context).float()[:rows]).cpu() for name, signal in learned.items()}
     return maps, raw
 
 

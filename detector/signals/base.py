@@ -201,6 +201,13 @@ class LearnedSignal(Signal):
     def fit(self, clean: Any, adversarial: Any, *, adversarial_weight: Any = None, seed: int = 0) -> "LearnedSignal":
         """A fitted copy of this template from raw clean ``[N, ...]`` and adversarial ``[M, ...]`` rows."""
 
+    def template(self) -> "LearnedSignal":
+        """An unfitted copy: every field back to its default but the configuration (layer, sizes)."""
+        learned = {"parameters", "channels", "reference", "mean", "scale", "weights", "bias"}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)
+                    if f.name in learned and f.default is not dataclasses.MISSING}
+        return dataclasses.replace(self, **defaults)
+
     def values(self, context: SignalContext) -> torch.Tensor:
         if not self.fitted:
             raise SignalError(f"signal {self.kind!r} is not fitted (a template): fit it before computing values")

@@ -226,13 +226,17 @@ def embedded_model_repository(settings: "Settings"):
     """The embedded Triton's repository: the given one, or the bundled model exported for the calibration in force.
 
     Returns (settings with the repository and, for the bundled model, its
-    default calibration; the bundled model's identity, or none; the temporary
-    directory to remove on stop, or None). The exported model serves the
+    default calibration; the identities of the models, as ``export-model``
+    recorded them, so that a calibration fitted for other weights is refused;
+    the temporary directory to remove on stop, or None). The exported model serves the
     signals of the calibration in force (the shipped default's unless one is
     given), so the sidecar scores it with one small output per image.
     """
     if settings.embedded_model_repository is not None:
-        return settings, {}, None
+        from service.triton.export import repository_identities
+
+        # each exported model's identity: a calibration fitted for other weights is refused (issue 21)
+        return settings, repository_identities(settings.embedded_model_repository), None
     from detector.detector import resolve_detector
     from detector.models import BUNDLED_MODEL_NAME, bundled_identity
     from service.triton.export import export_model_repository

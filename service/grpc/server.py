@@ -120,11 +120,21 @@ class Sidecar:
             "advsentry sidecar on %s:%s -> Triton %s (metrics on :%s, policy %s)",
             s.host, self.port, self.upstream_address, self.metrics_port, s.policy.value,
         )
-        self.protection_modes = await self.announce_models()
+        try:
+            self.protection_modes = await self.announce_models()
+        except Exception:  # a calibration that cannot serve its model: do not serve at all
+            await self.stop(0)
+            raise
         return self
 
     async def announce_models(self) -> dict[str, str]:
-        """Log how every model the upstream serves (and every listed one) is protected; published as a metric."""
+        """Log how every model the upstream serves (and every listed one) is protected; published as a metric.
+
+        Raises ``CalibrationError`` for a model whose identity the sidecar
+        knows (the bundled model, an exported model of ``--model-repository``)
+        and whose calibration does not match it: served, it would never get a
+        verdict.
+        """
         from detector import CalibrationError
 
         from ..core.requests import RequestError
@@ -134,6 +144,8 @@ class Sidecar:
             try:
                 protection, _, mode = await self.core.resolve_protection(name, "")
             except CalibrationError as error:
+                if name in self.model_identity:  # a calibration fitted for other weights than the model served
+                    raise CalibrationError(f"model {name!r}: {error}") from error
                 modes[name] = "calibration_error"
                 LOGGER.error("model %s: its calibration cannot be loaded: %s", name, error)
                 continue

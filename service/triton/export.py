@@ -31,6 +31,7 @@ from typing import Any
 
 from detector import ScoreConfig
 from detector.embedding import DEFAULT_EMBEDDING, EMBEDDING_OUTPUT, EmbeddingConfig
+from detector.models import ModelIdentity
 from detector.signals import FeatureConfig
 
 PIXELS_INPUT = "pixels"
@@ -62,6 +63,31 @@ class ModelSource:
         if self.weights is not None:
             document["weights"] = "weights.pt"
         return document
+
+
+def model_identity(source: ModelSource, model) -> ModelIdentity:
+    """The identity ``advsentry calibrate --model`` gives the same model (name and weights hash), so they match."""
+    from detector.models import bundled_identity, state_dict_sha256
+
+    if source.kind == "bundled":
+        return bundled_identity()
+    return ModelIdentity(str(source.callable), state_dict_sha256(model))
+
+
+def repository_identities(repository: str | Path) -> dict[str, ModelIdentity]:
+    """``{model name: identity}`` of every advsentry-exported model in a model repository (newest version)."""
+    found: dict[str, ModelIdentity] = {}
+    for spec_file in sorted(Path(repository).glob("*/*/advsentry_model.json"), key=lambda p: (p.parent.parent.name,
+                                                                                                   _version(p))):
+        identity = json.loads(spec_file.read_text()).get("model_identity")
+        if identity:
+            found[spec_file.parent.parent.name] = ModelIdentity(identity["name"], identity["weights_sha256"])
+    return found
+
+
+def _version(spec_file: Path) -> int:
+    name = spec_file.parent.name
+    return int(name) if name.isdigit() else -1
 
 
 def _instantiate(source: ModelSource):
@@ -192,7 +218,9 @@ def export_model_repository(
         raise ExportError(f"feature outputs may not be named {LOGITS_OUTPUT!r} or {PIXELS_INPUT!r}")
     # One dry run gives the number of classes and every feature map's shape (guided
     # responses are shaped like the input; activation maps like their layer).
-    classes, feature_shapes = probe_model(_instantiate(source), features, image_size)
+    model = _instantiate(source)
+    classes, feature_shapes = probe_model(model, features, image_size)
+    identity = model_identity(source, model)
     model_dir = Path(out) / model_name
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -225,5 +253,7 @@ def export_model_repository(
     }
     if embedding:  # the probing embedding output (issue 12)
         spec["embedding"] = embedding.to_dict()
+    # what `advsentry serve --model-repository` checks a calibration against (issue 21)
+    spec["model_identity"] = identity.to_dict()
     (version_dir / "advsentry_model.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return model_dir
