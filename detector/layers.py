@@ -8,8 +8,8 @@ the *role* of a layer: where it sits in the network, measured as its output
 stride (input size / map size, rounded to a power of two).
 
 The rule, :func:`layer_for_role`: the module whose output is a 4-D map at that
-stride, not inside a module of another stride, and that *finishes last* in a
-forward pass. A block container finishes
+stride and that *finishes last* in a forward pass, leaving out what a
+downsampling block runs at its input's resolution and padded copies. A block container finishes
 after its children, so this is the output of the last block at that
 resolution, the layer a detector designer would pick by hand; on the bundled
 model it gives back exactly the shipped choices (``net._blocks.0`` at 1/2,
@@ -48,6 +48,10 @@ class LayerInfo:
     stride: int
     channels: int
     order: int
+    #: the map's height is what a stride gives (floor or ceil of input / stride); a padded copy's is larger
+    canonical: bool = True
+    #: the stride of the module's input map (None: its input is not a map)
+    input_stride: int | None = None
 
     @property
     def role(self) -> str:
@@ -72,8 +76,13 @@ def probe_layers(model: nn.Module, image_size: int) -> dict[str, LayerInfo]:
 
         def hook(module: nn.Module, inputs: object, output: object, name: str = name) -> None:
             if name not in found and isinstance(output, torch.Tensor) and output.dim() == 4:
-                found[name] = LayerInfo(name, _stride(image_size, int(output.shape[-2])), int(output.shape[1]),
-                                        len(found))
+                height = int(output.shape[-2])
+                stride = _stride(image_size, height)
+                canonical = height in (image_size // stride, -(-image_size // stride))
+                first = inputs[0] if isinstance(inputs, tuple) and inputs else None
+                input_stride = (_stride(image_size, int(first.shape[-2]))
+                                if isinstance(first, torch.Tensor) and first.dim() == 4 else None)
+                found[name] = LayerInfo(name, stride, int(output.shape[1]), len(found), canonical, input_stride)
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -90,21 +99,27 @@ def _device_of(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _inside_other_stride(layers: Mapping[str, LayerInfo], info: LayerInfo) -> bool:
-    """Whether an enclosing module outputs another stride (e.g. the padding a strided block applies to its input)."""
+def _before_a_downsampling(layers: Mapping[str, LayerInfo], info: LayerInfo) -> bool:
+    """Whether ``info`` is the input-resolution part of an enclosing module that downsamples (a strided block's
+    expansion and activation run at the previous stride, and finish after the previous block)."""
     parts = info.name.split(".")
-    return any(layers[prefix].stride != info.stride for prefix in (".".join(parts[:i]) for i in range(1, len(parts)))
-               if prefix in layers)
+    for prefix in (".".join(parts[:i]) for i in range(1, len(parts))):
+        outer = layers.get(prefix)
+        if outer is not None and outer.input_stride == info.stride and outer.stride != info.stride:
+            return True
+    return False
 
 
 def layer_for_role(layers: Mapping[str, LayerInfo], role: str) -> str:
     """The module of ``role`` (``@1/16``): the last to finish with a map at that stride (see the module docstring).
 
-    Modules inside one of another stride do not count: a strided block pads
-    its input at the previous resolution, and that padding finishes after the
-    previous block.
+    What runs inside a downsampling block at its input's resolution does not
+    count (a strided block expands, activates and pads its input at the
+    previous stride; those finish after the previous block), nor do padded
+    copies (a map larger than the stride gives).
     """
-    candidates = [info for info in layers.values() if info.role == role and not _inside_other_stride(layers, info)]
+    candidates = [info for info in layers.values()
+                  if info.role == role and info.canonical and not _before_a_downsampling(layers, info)]
     if not candidates:
         strides = sorted({info.stride for info in layers.values()})
         raise LayerError(f"the model has no feature map at {role} (its maps are at "
