@@ -229,3 +229,21 @@ def test_stream_messages_run_the_same_hooks_as_model_infer(triton):
         assert _sample(running, "advsentry_traffic_scores_total", model=MODEL) == 6
     finally:
         running.stop()
+
+
+def test_a_model_first_seen_after_a_refused_reload_gets_the_calibration_in_force(tmp_path):
+    """Not the refused file on disk: a refusal keeps one calibration in force for every model, old and new."""
+    from detector import Detector
+    from detector.detector import NAMED_ARTIFACTS
+    from service.core.detectors import DetectorRegistry
+
+    live = tmp_path / "live.json"
+    shutil.copyfile(NAMED_ARTIFACTS["default"], live)
+    registry = DetectorRegistry(default_calibration=live)
+    default = Detector.named("default")
+    outputs = {"logits", default.entropy_output}  # a model exported for the default detector only
+    in_force = registry.get("first", outputs=outputs).calibration_id
+    shutil.copyfile(NAMED_ARTIFACTS["fixed-signals"], live)
+    events = registry.check_reload()
+    assert len(events) == 1 and events[0].startswith("refused") and "outputs_missing" in events[0]
+    assert registry.get("second", outputs=outputs).calibration_id == in_force == default.calibration_id

@@ -18,8 +18,8 @@ changed file is loaded into *new* snapshots that replace the old ones only if
 every model bound to the file can use them: the artifact loads and is intact,
 it was fitted for the model's weights (when the sidecar knows them), and the
 model's outputs (as last read from its metadata) serve the new detector. Any
-failure refuses the whole file: the old calibration keeps serving, an ERROR
-line says why, and ``advsentry_calibration_reload_failures_total{model,
+failure refuses the whole file: the old calibration keeps serving (models
+first seen later get it too, not the refused file), an ERROR line says why, and ``advsentry_calibration_reload_failures_total{model,
 reason}`` counts it (reasons in :data:`RELOAD_FAILURE_REASONS`). Why all or
 nothing: one file is one calibration id in force, never a mix across models.
 A refused file is tried again when it changes again.
@@ -202,6 +202,8 @@ class DetectorRegistry:
         # Models served by the model-agnostic detector (they expose the generic map,
         # not the default's): never given the default calibration, which is for other maps.
         self._generic: set[str] = set()
+        #: what is in force for each calibration file: new models get this, not a refused newer file on disk
+        self._in_force: dict[Path, DetectorSpec] = {}
         # The default detector (no model-specific file): validated once at start.
         self._template = self._build(None, self.default_calibration)
         for path in {self.default_calibration, *self.per_model_calibration.values()} - {None}:
@@ -223,7 +225,11 @@ class DetectorRegistry:
         identity = self.model_identity.get(model) if model else None
         if path is None:
             return Detector(GENERIC_FEATURES if model in self._generic else None, device=self.device)
-        return Detector.from_spec(spec or path, model_identity=identity, device=self.device)
+        if spec is None:  # the content in force (read once), not whatever the file holds now
+            spec = self._in_force.get(path)
+            if spec is None:
+                spec = self._in_force.setdefault(path, resolve_detector(path))
+        return Detector.from_spec(spec, model_identity=identity, device=self.device)
 
     def _wrap(self, model: str, detector: Detector, path: Path | None) -> ModelDetector:
         outputs = self.per_model_outputs.get(model) or detector.feature_outputs
@@ -294,7 +300,7 @@ class DetectorRegistry:
 
     # ---- hot reload -----------------------------------------------------------------------------
 
-    def _rebuild(self, path: Path, models: list[str]) -> tuple[Detector, dict[str, ModelDetector]]:
+    def _rebuild(self, path: Path, models: list[str]) -> tuple[DetectorSpec, Detector, dict[str, ModelDetector]]:
         """New snapshots of ``models`` from ``path``; raises :class:`ReloadRefused` naming the first that cannot use it."""
         anyone = models[0] if models else ALL_MODELS
         try:
@@ -321,7 +327,7 @@ class DetectorRegistry:
                     "(advsentry export-model --calibration FILE) before switching",
                 )
             rebuilt[model] = new
-        return template, rebuilt
+        return spec, template, rebuilt
 
     def check_reload(self) -> list[str]:
         """Reload changed calibration files now; returns what happened (for logs and tests)."""
@@ -334,7 +340,7 @@ class DetectorRegistry:
             with self._lock:
                 models = sorted(m for m in self._detectors if self._calibration_path(m) == path)
             try:
-                template, rebuilt = self._rebuild(path, models)
+                spec, template, rebuilt = self._rebuild(path, models)
             except ReloadRefused as refusal:
                 LOGGER.error("calibration %s refused (%s), keeping the one in force for %s: %s", path, refusal.reason,
                              ", ".join(models) or "every model", refusal)
@@ -346,6 +352,7 @@ class DetectorRegistry:
             with self._lock:
                 if path == self.default_calibration:
                     self._template = template
+                self._in_force[path] = spec
                 self._detectors.update(rebuilt)
             for model_detector in rebuilt.values():
                 self._publish(model_detector)
