@@ -221,8 +221,11 @@ class InferenceCore:
         outputs = set(spec.outputs) if spec is not None else None
         if not required and explicit is None and (not self.settings.protect_all
                                                   or not self._auto_protected(model, outputs)):
-            self._publish_mode(model, "unprotected")
+            if spec is not None:  # only models the upstream has: a client's made-up names never become series
+                self._publish_mode(model, "unprotected")
             return None, spec, "unprotected"
+        if required and explicit is None and spec is None:  # DetectorService: no detector for a model that is not there
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not available upstream")
         try:
             detector = self.registry.get(model, outputs=outputs)
         except CalibrationError:
@@ -334,7 +337,8 @@ class InferenceCore:
         protection, spec = await self.protection(ctx.model, ctx.version, required=required)
         if protection is None:
             span.set_attribute("advsentry.protected", False)
-            self.metrics.unprotected.labels(ctx.model).inc()
+            if spec is not None:  # a model the upstream has (a made-up name gets Triton's NOT_FOUND, no series)
+                self.metrics.unprotected.labels(ctx.model).inc()
             return await self._call_upstream(request, upstream, ctx.metadata)
         span.set_attribute("advsentry.protected", True)
         span.set_attribute("advsentry.policy", protection.policy.value)
