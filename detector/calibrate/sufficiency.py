@@ -153,8 +153,9 @@ class SampleSize:
             *[f"  - {s}" for s in self.shortfalls],
             f"The held-out FPR is measured on {self.clean_holdout} image(s) from {self.sources_holdout} source(s); "
             "its interval is wide and the AUC interval may not be meaningful.",
-            "Use more clean images from more sources (the real-photo corpus, --images DIR, "
-            "a larger --max-images) before putting this threshold in force.",
+            "Use more clean images from more sources before putting this threshold in force: --images DIR "
+            "(your own, one file per original), a larger --max-images, or the real-photo corpus "
+            "(real photos from Debian packages: `python -m benchmarks.corpus build`, then calibrate without --images).",
         ]
         if self.weak_attacks:
             lines.append("Few successful adversarials (TPR intervals wide): "
