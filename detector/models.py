@@ -92,6 +92,40 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+#: What a model must accept and return to be protected (docs/own-model.md): the factory contract.
+PIXEL_CONTRACT = ("[B, 3, H, W] float32 RGB pixels in [0, 1] (NCHW, H = W = the image size, normalization inside "
+                  "the module) in, logits [B, classes] out")
+
+
+class ModelContractError(ValueError):
+    """A model that does not follow :data:`PIXEL_CONTRACT` (the message says what it did instead)."""
+
+
+def check_pixel_contract(model: nn.Module, image_size: int, name: str = "the model") -> int:
+    """Run ``model`` once on a gray ``[2, 3, S, S]`` batch; the number of classes, or :class:`ModelContractError`.
+
+    Why before anything else: a model that takes NHWC or another dtype, or
+    returns something other than logits, fails deep inside a calibration or
+    an export with a shape error that names neither the model nor the
+    contract.
+    """
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    pixels = torch.full((2, 3, image_size, image_size), 0.5, device=device)
+    hint = " (a model that takes NHWC or normalized inputs needs a wrapper module; see docs/own-model.md)"
+    try:
+        with torch.no_grad():
+            logits = model(pixels)
+    except Exception as error:  # noqa: BLE001 - any failure here is a contract violation, said as such
+        raise ModelContractError(f"{name} does not follow the model contract, {PIXEL_CONTRACT}: called with "
+                                 f"{list(pixels.shape)} it raised {type(error).__name__}: {error}{hint}") from error
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2 or logits.shape[1] < 2:
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelContractError(f"{name} does not follow the model contract, {PIXEL_CONTRACT}: for "
+                                 f"{list(pixels.shape)} it returned {got}{hint}")
+    return int(logits.shape[1])
+
+
 def bundled_identity() -> ModelIdentity:
     return ModelIdentity(BUNDLED_MODEL_NAME, file_sha256(bundled_weights_path()))
 

@@ -42,3 +42,20 @@ def lite2_ten_classes() -> Lite2Classifier:
             coarse = torch.rand(8, 3, 9, 9, generator=generator)
             model(torch.nn.functional.interpolate(coarse, size=260, mode="bilinear", align_corners=False))
     return model.eval()
+
+
+class NHWCClassifier(nn.Module):
+    """Breaks the contract: takes ``[B, H, W, 3]`` (what a Keras-style model expects)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(pixels.permute(0, 3, 1, 2)).mean(dim=(2, 3)))
+
+
+def nhwc_classifier() -> NHWCClassifier:
+    torch.manual_seed(0)
+    return NHWCClassifier().eval()

@@ -245,3 +245,10 @@ def test_a_killed_process_resumes_and_keeps_its_finished_units(tmp_path):
     assert all(after[name] == mtime for name, mtime in before.items())  # finished work was not redone
     assert len(after) == 10 + 2 * 10  # 10 clean chunks + 2 attacks x 10 chunks
     assert CalibrationArtifact.load(tmp_path / "cal.json").results["attacks"]["one_pixel"]["queries_total"] > 0
+
+
+def test_a_model_that_breaks_the_pixel_contract_is_a_config_error_not_a_traceback(tmp_path):
+    """issue 21: an NHWC model failed deep inside the clean stage; now the job refuses it up front (exit 2)."""
+    with pytest.raises(JobConfigError, match=r"own_models:nhwc_classifier.*does not follow the model contract.*NCHW"):
+        CalibrationJob(small_config(model="own_models:nhwc_classifier", attacks=(AttackSpec.parse("fgsm"),)),
+                       tmp_path / "w").runtime()

@@ -44,3 +44,48 @@ def test_hashes_of_ordinary_tensors_did_not_change():
         digest.update(str(t.dtype).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
     assert state_dict_sha256(module) == digest.hexdigest()
+
+
+# --- the model contract (issue 21): a clear error instead of a traceback deep inside calibrate or export ---
+
+
+class _NHWC(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):  # expects [B, H, W, 3]
+        return self.conv(x.permute(0, 3, 1, 2)).mean(dim=(2, 3))
+
+
+class _Features(nn.Module):  # returns a feature map, not logits
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_the_contract_names_what_a_model_did_instead():
+    from detector.models import ModelContractError, check_pixel_contract
+
+    assert check_pixel_contract(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(7)), 16) == 7
+    with pytest.raises(ModelContractError, match=r"NCHW.*raised RuntimeError.*wrapper module"):
+        check_pixel_contract(_NHWC(), 16, "model 'x:nhwc'")
+    with pytest.raises(ModelContractError, match=r"returned \[2, 4, 14, 14\]"):
+        check_pixel_contract(_Features(), 16)
+
+
+def test_export_refuses_a_model_that_breaks_the_contract(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from service.triton.export import ExportError, ModelSource, export_model_repository
+
+    module = types.ModuleType("contract_models")
+    module.nhwc = _NHWC
+    monkeypatch.setitem(sys.modules, "contract_models", module)
+    with pytest.raises(ExportError, match="does not follow the model contract"):
+        export_model_repository(tmp_path, model_name="m", source=ModelSource("factory", "contract_models:nhwc"),
+                                image_size=32)

@@ -130,6 +130,13 @@ class CalibrationJob:
                     config.weights_sha256 or (identity.weights_sha256 if identity else "unknown"),
                 )
             surrogate = load_model(config.surrogate, config.surrogate_weights, self.device)[0] if config.surrogate else None
+            if local is not None:
+                from detector.models import ModelContractError, check_pixel_contract
+
+                try:
+                    check_pixel_contract(local, config.image_size, f"model {config.model!r}")
+                except ModelContractError as error:
+                    raise JobConfigError(str(error)) from error
             if local is not None and not isinstance(local, torch.jit.ScriptModule) and any(
                     getattr(c, "layer", None) for c in self.features.values()):  # TorchScript: refused below
                 self.features = self.bind_layers(local)

@@ -138,6 +138,12 @@ def probe_model(
     from detector.features import FeatureModel
     from detector.signals import Signal
 
+    from detector.models import ModelContractError, check_pixel_contract
+
+    try:
+        check_pixel_contract(model, image_size)
+    except ModelContractError as error:
+        raise ExportError(str(error)) from error
     pixels = torch.full((1, 3, image_size, image_size), 0.5)
     try:
         outputs = FeatureModel(model, features)(pixels)
