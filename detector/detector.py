@@ -28,7 +28,7 @@ from .config import PAPER_CONFIG, ScoreConfig
 from .entropy import average_local_spatial_entropy
 from .features import FeatureModel, extract_maps
 from .models import ModelIdentity, bundled_identity, load_bundled_model
-from .signals import FeatureConfig, Signal
+from .signals import FeatureConfig, Signal, SignalContext
 
 #: The Triton output name of the single-map detector.
 FEATURE_RESPONSE = "feature_response"
@@ -60,7 +60,24 @@ NAMED_ARTIFACTS: dict[str, Path] = {
     # the corpus study's choice before the learned signals: squeezers, logit, residual and spectral statistics
     # (nothing fitted inside a signal, so it carries over to new content more easily; test AUC 0.71-0.98)
     "fixed-signals": DEFAULT_ARTIFACT_PATH.with_name("fixed_signals_detector.json"),
+    # black-box mode (issue 21): signals the sidecar computes from a model's logits and its request's pixels,
+    # for models advsentry did not export (see computable_outside)
+    "blackbox": DEFAULT_ARTIFACT_PATH.with_name("blackbox_detector.json"),
 }
+#: Signal kinds computable outside the model: from its logits and the input pixels alone (no layer, no extra pass).
+OUTSIDE_KINDS = frozenset({"logit_margin", "softmax_entropy", "residual_entropy", "spectral_hf"})
+
+
+def computable_outside(features: Mapping[str, FeatureConfig]) -> bool:
+    """Whether every feature can be computed by the sidecar from a model's logits and the request's pixels.
+
+    Such a detector protects a model advsentry did not export (an ONNX or
+    TensorRT model that serves only its logits): black-box mode. Feature maps
+    (guided responses, activations), layer-reading signals and signals that
+    run the model again (Feature Squeezing) need the model itself.
+    """
+    return bool(features) and all(isinstance(c, Signal) and c.kind in OUTSIDE_KINDS and not c.layers()
+                                  for c in features.values())
 PAPER = "paper"
 #: Every shipped detector's name, as every entry point accepts it.
 SHIPPED_DETECTORS: tuple[str, ...] = (*NAMED_ARTIFACTS, PAPER)
@@ -309,6 +326,15 @@ class Detector:
     def score_entropies(self, entropies: np.ndarray) -> np.ndarray:
         """Scores ``[B]`` (float64) from per-map entropies ``[B, F]`` computed elsewhere (inside Triton)."""
         return self.combiner.combine_array(np.asarray(entropies))
+
+    def outside_entropies(self, pixels: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """``[B, F]`` signal values from the request's pixels ``[B, 3, H, W]`` and the model's logits (black-box mode)."""
+        if not computable_outside(self.features):
+            raise ValueError("this detector reads the model's internals; black-box mode needs one that does not")
+        context = SignalContext(None, torch.as_tensor(np.array(pixels, dtype=np.float32), device=self.device),  # type: ignore[arg-type]
+                                torch.as_tensor(np.array(logits, dtype=np.float32), device=self.device))
+        columns = [Signal.reduce(config.compute(context)) for config in self.features.values()]  # type: ignore[union-attr]
+        return torch.stack(columns, dim=1).double().cpu().numpy()
 
     def score_maps(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Scores ``[B]`` from precomputed feature maps (the sidecar's path)."""

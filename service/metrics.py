@@ -90,6 +90,7 @@ class SidecarMetrics:
         self.protection_mode = Gauge(
             "advsentry_model_protection",
             "How each model seen is protected (1 for its mode): signals (Triton computes them) | maps (scored here) | "
+            "blackbox (signals computed here from its logits and the request's pixels) | "
             "unservable (protected, its outputs serve neither: counted unscored) | calibration_error | unprotected.",
             ("model", "mode"), registry=r,
         )

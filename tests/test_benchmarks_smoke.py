@@ -38,6 +38,16 @@ def test_proxy_overhead_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_blackbox_cost_benchmark_smoke(tmp_path):
+    from benchmarks.blackbox_cost import main
+    from detector import Detector
+
+    main(["--smoke", "--results-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "blackbox_cost_smoke.json").read_text())
+    assert result["calibration_id"] == Detector.named("blackbox").calibration_id and result["extra_upstream_calls"] == 0
+    assert [row["batch"] for row in result["rows"]] == [1] and result["rows"][0]["signals_ms_per_image"] > 0
+
+
 def test_detection_cost_benchmark_smoke(tmp_path):
     from benchmarks.detection_cost import main
     from detector import Detector

@@ -52,6 +52,9 @@ EXPLAIN = R + "explain_sample/explanation.json"
 PROBE = R + "probe_sample/corpus_dev/probe.json"
 BUNDLED = "docs/results/bundled_scores.json"
 OWN = R + "own_model/lite2_smoke_calibration.json"
+BB = R + "blackbox/blackbox_detector.json"
+BB_DEFAULT = R + "blackbox/default_same_images.json"
+BB_COST = R + "blackbox_cost.json"
 OWN_TIMES = R + "own_model/timings.json"
 
 
@@ -554,6 +557,37 @@ QUOTES: list[Quote] = [
     *quotes(BEN, "the sidecar keeps 90–105 % of the throughput", PROXY,
             ("90", proxy_span("efficientnet", "vs_direct_with_entropies", 0), pct(0)),
             ("105", proxy_span("efficientnet", "vs_direct_with_entropies", -1), pct(0))),
+    # --- docs/detection.md: black-box mode (benchmarks/results/blackbox/, blackbox_cost.json) ---
+    *quotes(DET, "the shipped `blackbox` detector (`cal-eb6ead99c610`)", BB, ("cal-eb6ead99c610", "id", text)),
+    *quotes(DET, "split: **1.4 %** realized FPR at the 5 % target (2 of 140, [0.2, 5.1])", BB,
+            ("1.4", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr"], dec(1)),
+            ("2", "results/operating_points/0/held_out_false_positives", count),
+            ("140", "results/operating_points/0/held_out_clean", count),
+            ("0.2", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["low"], dec(1)),
+            ("5.1", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["high"], dec(1))),
+    *quotes(DET, "on the corpus dev part (360 candidates, the bundled model, FGSM at 2/255 and 8/255)", BB,
+            ("360", "job/max_images", count)),
+    *quotes(DET, "its threshold set on the threshold split (58 clean images)", BB,
+            ("58", "results/operating_points/0/threshold_set_on/clean", count)),
+    *quotes(DET, "| FGSM 2/255 | 0.791 [0.743, 0.844] |", BB,
+            ("0.791", "results/attacks/fgsm/detection/auc/value", dec(3)),
+            ("0.743", "results/attacks/fgsm/detection/auc/low", dec(3)),
+            ("0.844", "results/attacks/fgsm/detection/auc/high", dec(3))),
+    *quotes(DET, "| FGSM 8/255 | 0.921 [0.887, 0.952] |", BB,
+            ("0.921", "results/attacks/fgsm_8/detection/auc/value", dec(3)),
+            ("0.887", "results/attacks/fgsm_8/detection/auc/low", dec(3)),
+            ("0.952", "results/attacks/fgsm_8/detection/auc/high", dec(3))),
+    *quotes(DET, "| 0.905 [0.877, 0.933] |", BB_DEFAULT,
+            ("0.905", "results/attacks/fgsm/detection/auc/value", dec(3)),
+            ("0.877", "results/attacks/fgsm/detection/auc/low", dec(3)),
+            ("0.933", "results/attacks/fgsm/detection/auc/high", dec(3))),
+    *quotes(DET, "| 1.000 [0.999, 1.000] |", BB_DEFAULT,
+            ("1.000", "results/attacks/fgsm_8/detection/auc/value", dec(3)),
+            ("0.999", "results/attacks/fgsm_8/detection/auc/low", dec(3))),
+    *quotes(DET, "the signals take 6.29 ms per image at batch 1 and 5.42 ms at batch 16", BB_COST,
+            ("6.29", "rows/0/signals_ms_per_image", dec(2)), ("5.42", "rows/1/signals_ms_per_image", dec(2))),
+    *quotes(DET, "0.36× and 0.30× the bundled model's own forward pass", BB_COST,
+            ("0.36", "rows/0/ratio", dec(2)), ("0.30", "rows/1/ratio", dec(2))),
     # --- docs/own-model.md: the journey's smoke run (benchmarks/results/own_model/) ---
     *quotes(OWN_PAGE, "calibration cal-fe7cdf356cf2: threshold 1.092101 (target FPR 0.05)", OWN,
             ("cal-fe7cdf356cf2", "id", text), ("1.092101", "threshold", dec(6))),

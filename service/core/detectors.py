@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from detector import GENERIC_FEATURES, CalibrationError, Detector, ModelIdentity, entropy_output_name
-from detector.detector import ENTROPY_OUTPUT_PREFIX, DetectorSpec, exceeds, resolve_detector
+from detector.detector import ENTROPY_OUTPUT_PREFIX, DetectorSpec, computable_outside, exceeds, resolve_detector
 
 from ..metrics import SidecarMetrics
 
@@ -50,6 +50,9 @@ _GENERIC_ENTROPY_OUTPUT = entropy_output_name(GENERIC_FEATURES.values())
 RELOAD_FAILURE_REASONS = ("invalid_artifact", "model_mismatch", "outputs_missing")
 #: Label of a refusal that concerns every (future) model of a calibration file, when no model is bound yet.
 ALL_MODELS = "*"
+#: Black-box mode: the model output holding the logits, and the key the request's pixels travel under to the batcher.
+LOGITS_OUTPUT = "logits"
+BLACKBOX_PIXELS = "advsentry:pixels"
 
 
 class ReloadRefused(Exception):
@@ -65,7 +68,7 @@ class ReloadRefused(Exception):
 class Serving:
     """How a model delivers its detector's input: ``signals`` (Triton computed them) or ``maps`` (scored here)."""
 
-    kind: str  # "signals" | "maps"
+    kind: str  # "signals" | "maps" | "blackbox" (signals computed here from the logits and the request's pixels)
     outputs: tuple[str, ...]  # the Triton outputs to request
 
     @property
@@ -117,7 +120,14 @@ class ModelDetector:
             return Serving("signals", (self.entropy_output,))
         if has_maps:
             return Serving("maps", self.feature_outputs)
+        if self.blackbox and LOGITS_OUTPUT in available:  # a model advsentry did not export: its logits suffice
+            return Serving("blackbox", (LOGITS_OUTPUT,))
         return None
+
+    @property
+    def blackbox(self) -> bool:
+        """Whether this detector can score from the logits and the request's pixels alone (black-box mode)."""
+        return computable_outside(self.detector.features)
 
     def missing_outputs(self) -> str:
         """What a model must serve for this detector (for error messages)."""
@@ -125,9 +135,16 @@ class ModelDetector:
                f"{list(self.feature_outputs)}"
 
     def score(self, maps: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Scores ``[N]`` for maps keyed by Triton output name (runs the detector; blocking)."""
+        """Scores ``[N]`` for maps keyed by Triton output name (runs the detector; blocking).
+
+        Black-box mode: ``maps`` holds the logits and the request's pixels
+        (:data:`BLACKBOX_PIXELS`), and the signals are computed here.
+        """
         import torch
 
+        if BLACKBOX_PIXELS in maps:
+            entropies = self.detector.outside_entropies(maps[BLACKBOX_PIXELS], maps[LOGITS_OUTPUT])
+            return self.detector.score_entropies(entropies)
         tensors = {
             self.output_to_map[name]: torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
             for name, array in maps.items()

@@ -57,7 +57,7 @@ from ..metrics import SidecarMetrics
 from ..settings import Disclosure, EntropyIn, Policy, ScoringFailure, Settings
 from ..tracing import extract_parent, get_tracer, inject_metadata
 from .batching import MicroBatcher
-from .detectors import BatchKey, DetectorRegistry, ModelDetector, Serving, advsentry_outputs
+from .detectors import BLACKBOX_PIXELS, LOGITS_OUTPUT, BatchKey, DetectorRegistry, ModelDetector, Serving, advsentry_outputs
 from .policy import PARAM_ERROR, PARAM_INVALID_INPUT, Assessment, PolicyRejection, apply_policy, disclosed, disclosure_for
 from .requests import (
     MetadataLookup,
@@ -76,9 +76,10 @@ from .requests import (
 LOGGER = logging.getLogger("service.core.inference")
 
 #: How a model is protected (``advsentry_model_protection{mode}``, the start-up listing): Triton computes the
-#: detector's signals; the sidecar scores its maps; protected but its outputs serve neither (every request counted
+#: detector's signals; the sidecar scores its maps; the sidecar computes black-box signals from its logits and the
+#: request's pixels; protected but its outputs serve none of these (every request counted
 #: unscored); its calibration cannot be loaded; not protected (not listed, and not exported by advsentry).
-PROTECTION_MODES = ("signals", "maps", "unservable", "calibration_error", "unprotected")
+PROTECTION_MODES = ("signals", "maps", "blackbox", "unservable", "calibration_error", "unprotected")
 
 #: Seconds between two log lines of the same (model, reason) of unscored requests (the counter counts all).
 UNSCORED_LOG_INTERVAL_S = 30.0
@@ -357,7 +358,7 @@ class InferenceCore:
             labels = (ctx.model, response.model_version or ctx.version)
             self.metrics.upstream_latency.labels(*labels).observe(timing.upstream_s)
             try:
-                assessment, signals = await self._score(response, protection, feature_outputs, labels, timing)
+                assessment, signals = await self._score(response, protection, feature_outputs, labels, timing, request)
             except Unscored as unscored:
                 strip_outputs(response, hidden)
                 return self._unscored(response, protection, labels, unscored, invalid)
@@ -423,7 +424,7 @@ class InferenceCore:
         return BatchKey(protection.detector, tuple((name, tuple(maps[name].shape[1:])) for name in maps))
 
     async def _score(self, response, protection: Protection, feature_outputs: tuple[str, ...], labels,
-                     timing: "_Timing") -> tuple[Assessment, np.ndarray | None]:
+                     timing: "_Timing", request=None) -> tuple[Assessment, np.ndarray | None]:
         """Scores of the response's inputs by the request's snapshot; a failure raises :class:`Unscored`."""
         t1 = time.perf_counter()
         model = labels[0]
@@ -436,6 +437,9 @@ class InferenceCore:
                     signals = np.array(output_array(response, protection.entropy_output))
                     scores = detector.score_entropies(signals)
                     self.metrics.observe_detector_call(model, int(scores.size), 1, time.perf_counter() - t2)
+                elif protection.serving is not None and protection.serving.kind == "blackbox":
+                    maps = {LOGITS_OUTPUT: output_array(response, LOGITS_OUTPUT), BLACKBOX_PIXELS: request_pixels(request)}
+                    scores = await self.batcher.score(self._batch_key(protection, maps), maps)
                 else:
                     maps = {name: output_array(response, name) for name in feature_outputs}
                     scores = await self.batcher.score(self._batch_key(protection, maps), maps)
@@ -576,6 +580,15 @@ class InferenceCore:
                          assessment.threshold, disclosure.value)
         self.metrics.requests.labels(*labels, assessment.verdict, result, protection.policy.value).inc()
         return response
+
+
+def request_pixels(request) -> np.ndarray:
+    """Black-box mode: the request's one FP32 ``[B, 3, H, W]`` input (pixels in [0, 1]); ValueError otherwise."""
+    images = [a for a in input_arrays(request).values() if a.dtype == np.float32 and a.ndim == 4 and a.shape[1] == 3]
+    if len(images) != 1:
+        raise ValueError("black-box mode needs exactly one FP32 [B, 3, H, W] input of pixels in [0, 1], got "
+                         f"{[(t.name, t.datatype, list(t.shape)) for t in request.inputs]}")
+    return images[0]
 
 
 def _scores_text(assessment: Assessment) -> str:

@@ -251,7 +251,7 @@ def add_detector_outputs(request, spec: ModelSpec | None, ours: set[str], needed
             request.outputs.add().name = name
     for name in needed:
         request.outputs.add().name = name
-    return set(needed)
+    return set(needed) & ours  # the model's own outputs (black-box mode reads its logits) stay, as asked for
 
 
 

@@ -158,6 +158,7 @@ class Sidecar:
                 f", calibration {protection.detector.calibration_id or 'none'}, policy {protection.policy.value}")
             LOGGER.info("model %s: %s%s", name, {
                 "signals": "protected, Triton computes the signals", "maps": "protected, the sidecar scores the maps",
+                "blackbox": "protected in black-box mode, the sidecar computes the signals from its logits and inputs",
                 "unservable": "PROTECTED BUT UNSERVABLE: its outputs serve neither the signals nor the maps of its "
                               "calibration, every request is counted unscored",
                 "unprotected": "not protected",
