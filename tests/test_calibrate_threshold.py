@@ -153,3 +153,14 @@ def test_a_user_image_folder_splits_by_file_content_into_disjoint_fit_threshold_
     assert [len(originals[r]) for r in (HOLDOUT, THRESHOLD, FIT)] == [12, 6, 6]
     counts = plan.description["split_candidates"]
     assert sum(counts[r]["candidates"] for r in (FIT, THRESHOLD, HOLDOUT)) == 28
+
+
+def test_artifacts_record_directories_without_this_machines_absolute_path(tmp_path, monkeypatch):
+    """The corpus root is written relative to the working directory or ~/, never as an absolute path."""
+    from pathlib import Path
+
+    from detector.calibrate.data import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "corpus") == "corpus"
+    assert portable_path(Path.home() / ".cache" / "advsentry" / "corpus").startswith("~/")

@@ -161,6 +161,21 @@ CORPUS_ORIGIN = "advsentry real-photo corpus (dev part)"
 _OWN_ROLES = ("photo", "object")
 
 
+def portable_path(path: str | Path) -> str:
+    """``path`` as an artifact records it: relative to the working directory or ``~/`` where it can be.
+
+    Why: an artifact is shared and committed; the absolute location of a
+    directory on the machine that wrote it means nothing elsewhere (and names
+    that machine's user). The corpus is identified by its manifest's SHA-256;
+    the root is only a hint.
+    """
+    resolved = Path(path).expanduser().resolve()
+    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
+        if resolved.is_relative_to(base):
+            return prefix + resolved.relative_to(base).as_posix()
+    return str(path)
+
+
 def corpus_originals(images: Sequence[Any]) -> dict[str, frozenset[str]]:
     """``{image id: the originals it was made from}`` for corpus images (:class:`detector.corpus.CorpusImage`).
 
@@ -231,7 +246,7 @@ def _corpus_candidates(config: JobConfig) -> tuple[list[Candidate], dict[str, st
     hashes = {image.id: image.sha256 for image in chosen}
     manifest = root / "manifest.json"
     details = {
-        "root": str(root),
+        "root": portable_path(root),
         "manifest_sha256": file_sha256(str(manifest)) if manifest.is_file() else None,
         "schema": corpus.manifest.get("schema"),
         "part": "dev",
