@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from detector import GENERIC_FEATURES, CalibrationError, Detector, ModelIdentity, entropy_output_name
-from detector.detector import ENTROPY_OUTPUT_PREFIX, DetectorSpec, computable_outside, exceeds, resolve_detector
+from detector.detector import ENTROPY_OUTPUT_PREFIX, DetectorSpec, computable_outside, resolve_detector
 
 from ..metrics import SidecarMetrics
 
@@ -162,10 +162,6 @@ class ModelDetector:
                 f"expected [batch, {len(self.output_to_map)}]"
             )
         return self.detector.score_entropies(entropies)
-
-    def verdicts(self, scores: np.ndarray) -> np.ndarray | None:
-        """``True`` = adversarial; ``None`` when no threshold is in force."""
-        return None if self.threshold is None else exceeds(scores, self.threshold)
 
 
 def advsentry_outputs(outputs: Iterable[str]) -> bool:
