@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +63,12 @@ NAMED_ARTIFACTS: dict[str, Path] = {
     # black-box mode (issue 21): signals the sidecar computes from a model's logits and its request's pixels,
     # for models advsentry did not export (see computable_outside)
     "blackbox": DEFAULT_ARTIFACT_PATH.with_name("blackbox_detector.json"),
+    # ... plus Feature Squeezing, whose two squeezed copies the sidecar sends upstream beside each request
+    "blackbox-squeeze": DEFAULT_ARTIFACT_PATH.with_name("blackbox_squeeze_detector.json"),
 }
-#: Signal kinds computable outside the model: from its logits and the input pixels alone (no layer, no extra pass).
-OUTSIDE_KINDS = frozenset({"logit_margin", "softmax_entropy", "residual_entropy", "spectral_hf"})
+#: Signal kinds computable outside the model: from its logits and the input pixels alone (no layer), and
+#: Feature Squeezing, whose squeezed copies the sidecar sends upstream as extra calls (``Signal.transforms``).
+OUTSIDE_KINDS = frozenset({"logit_margin", "softmax_entropy", "residual_entropy", "spectral_hf", "squeeze_l1"})
 
 
 def computable_outside(features: Mapping[str, FeatureConfig]) -> bool:
@@ -73,8 +76,9 @@ def computable_outside(features: Mapping[str, FeatureConfig]) -> bool:
 
     Such a detector protects a model advsentry did not export (an ONNX or
     TensorRT model that serves only its logits): black-box mode. Feature maps
-    (guided responses, activations), layer-reading signals and signals that
-    run the model again (Feature Squeezing) need the model itself.
+    (guided responses, activations) and layer-reading signals need the model
+    itself; Feature Squeezing needs its answers on squeezed copies, which
+    the sidecar gets by one more upstream call per copy.
     """
     return bool(features) and all(isinstance(c, Signal) and c.kind in OUTSIDE_KINDS and not c.layers()
                                   for c in features.values())
@@ -327,12 +331,32 @@ class Detector:
         """Scores ``[B]`` (float64) from per-map entropies ``[B, F]`` computed elsewhere (inside Triton)."""
         return self.combiner.combine_array(np.asarray(entropies))
 
-    def outside_entropies(self, pixels: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """``[B, F]`` signal values from the request's pixels ``[B, 3, H, W]`` and the model's logits (black-box mode)."""
+    def outside_transforms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Black-box mode: the transformed copies whose logits the signals need (one upstream call each), by key."""
+        transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        for config in self.features.values():
+            if isinstance(config, Signal):
+                transforms.update(config.transforms())
+        return transforms
+
+    def outside_entropies(self, pixels: np.ndarray, logits: np.ndarray,
+                          transformed: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """``[B, F]`` signal values from the request's pixels ``[B, 3, H, W]`` and the model's logits (black-box mode).
+
+        ``transformed``: the model's logits on each of :meth:`outside_transforms`'
+        copies, by key (what the sidecar's extra upstream calls returned).
+        """
         if not computable_outside(self.features):
             raise ValueError("this detector reads the model's internals; black-box mode needs one that does not")
-        context = SignalContext(None, torch.as_tensor(np.array(pixels, dtype=np.float32), device=self.device),  # type: ignore[arg-type]
-                                torch.as_tensor(np.array(logits, dtype=np.float32), device=self.device))
+        transformed = dict(transformed or {})
+        missing = sorted(set(self.outside_transforms()) - set(transformed))
+        if missing:
+            raise ValueError(f"black-box mode: no logits for the transformed copies {missing}")
+        def as_tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.array(array, dtype=np.float32), device=self.device)
+
+        context = SignalContext(None, as_tensor(pixels), as_tensor(logits))  # type: ignore[arg-type]
+        context.with_transformed({key: as_tensor(values) for key, values in transformed.items()})
         columns = [Signal.reduce(config.compute(context)) for config in self.features.values()]  # type: ignore[union-attr]
         return torch.stack(columns, dim=1).double().cpu().numpy()
 

@@ -112,7 +112,8 @@ def check_pixel_contract(model: nn.Module, image_size: int, name: str = "the mod
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     pixels = torch.full((2, 3, image_size, image_size), 0.5, device=device)
-    hint = " (a model that takes NHWC or normalized inputs needs a wrapper module; see docs/own-model.md)"
+    hint = (" (a model that takes NHWC, 0..255, normalized or FP16 input: declare it with --input-layout, "
+            "--input-scale, --input-normalize, --input-dtype; see docs/own-model.md)")
     try:
         with torch.no_grad():
             logits = model(pixels)

@@ -100,6 +100,12 @@ class SidecarMetrics:
             "models, and under protect_all not exported by advsentry).",
             ("model",), registry=r,
         )
+        self.transformed_copies = Counter(
+            "advsentry_transformed_copies",
+            "Black-box mode: extra upstream calls carrying transformed copies of a request's pixels (Feature "
+            "Squeezing's squeezed copies), by model; each costs the model one more forward pass of the batch.",
+            ("model",), registry=r,
+        )
         self.upstream_latency = Histogram(
             "advsentry_upstream_latency_seconds", "Time in the upstream Triton call.", LABELS,
             buckets=_LATENCY_BUCKETS, registry=r,

@@ -4,7 +4,8 @@ What a team writes: a factory returning an ``nn.Module`` that takes ``[B, 3, H, 
 RGB pixels in [0, 1] (normalization inside) and returns logits. Its attribute is
 ``model`` (not the bundled wrapper's ``net``) and its channel counts differ from
 the bundled Lite0's, so nothing of the shipped detector's layer names applies.
-The weights are seeded random (no Lite2 weights ship on this machine), with the
+The weights are seeded random (the ImageNet weights are the ``study`` extra's, used
+by ``benchmarks/own_model``, not a test dependency), with the
 BatchNorm statistics set from seeded smooth random images, so that the logits
 depend on the input (a random network with default statistics answers one class
 for everything): the journey, not the detection quality, is what the tests check.
@@ -45,15 +46,16 @@ def lite2_ten_classes() -> Lite2Classifier:
 
 
 class NHWCClassifier(nn.Module):
-    """Breaks the contract: takes ``[B, H, W, 3]`` (what a Keras-style model expects)."""
+    """Breaks the contract: takes ``[B, H, W, 3]`` (what a Keras-style model expects); fine with ``--input-layout nhwc``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
         self.fc = nn.Linear(4, 5)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(pixels.permute(0, 3, 1, 2)).mean(dim=(2, 3)))
+        return self.fc(self.act(self.conv(pixels.permute(0, 3, 1, 2))).mean(dim=(2, 3)))
 
 
 def nhwc_classifier() -> NHWCClassifier:

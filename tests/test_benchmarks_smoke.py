@@ -46,6 +46,13 @@ def test_blackbox_cost_benchmark_smoke(tmp_path):
     result = json.loads((tmp_path / "blackbox_cost_smoke.json").read_text())
     assert result["calibration_id"] == Detector.named("blackbox").calibration_id and result["extra_upstream_calls"] == 0
     assert [row["batch"] for row in result["rows"]] == [1] and result["rows"][0]["signals_ms_per_image"] > 0
+    squeeze = result["detectors"]["blackbox-squeeze"]
+    assert squeeze["extra_upstream_calls"] == 2 and squeeze["rows"][0]["upstream_forward_passes"] == 3
+    served = result["served"]
+    # counted by the real Triton: one model inference per request directly and with `blackbox`, three with squeezing
+    assert served["direct"]["model_inferences_per_request"] == served["blackbox"]["model_inferences_per_request"] == 1
+    assert served["blackbox-squeeze"]["model_inferences_per_request"] == 3
+    assert served["blackbox"]["scored"] and served["blackbox-squeeze"]["scored"] and not served["direct"]["scored"]
 
 
 def test_detection_cost_benchmark_smoke(tmp_path):

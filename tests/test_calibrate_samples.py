@@ -207,4 +207,30 @@ def test_corpus_requested_but_not_installed_is_a_clear_usage_error(tmp_path):
     missing = _invoke("run", "--out", str(tmp_path / "cal.json"), "--corpus", str(tmp_path / "nowhere"), *TINY)
     assert missing.exit_code == 2 and "nowhere" in missing.output
     with pytest.raises(JobConfigError, match="exclude each other"):
-        JobConfig(images=("x",), clean_source="corpus")
+        JobConfig(images=("x",), clean_source="bundled")
+
+
+def test_own_images_and_the_corpus_in_one_job(fake_corpus, tmp_path):
+    """--images with --clean-source corpus: the user's files and the corpus's dev part, interleaved, split together."""
+    from PIL import Image
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(mine / f"own{i}.png")
+    config = JobConfig(images=(str(mine),), clean_source="corpus", max_images=8, image_size=32)
+    assert config.resolved_clean_source() == "corpus+files"
+    plan = plan_clean_images(config)
+    names = [c.name for c in plan.candidates]
+    assert len(names) == 5 + 8 and sum(n.startswith("mine/own") for n in names) == 5  # every file, the corpus capped
+    assert names[0].startswith("mine/") and names[1].startswith("dev")  # interleaved: any prefix has both
+    assert not any(n.startswith("test") for n in names)  # never the corpus's test part
+    data = plan.description
+    assert data["clean_source"] == "corpus+files" and data["image_files"] == 5 and data["corpus"]["part"] == "dev"
+    assert data["sources"] == 5 + 8 and "image files" in data["origin"] and "corpus" in data["origin"]
+    assert {r for r in plan.roles} <= {"fit", "threshold", "holdout", "out"}
+    result = _invoke("run", "--out", str(tmp_path / "cal.json"), "--images", str(mine), "--clean-source", "corpus",
+                     "--max-images", "8", *TINY)
+    assert result.exit_code == 0, result.output
+    assert CalibrationArtifact.load(tmp_path / "cal.json").data["candidates"] == 13

@@ -164,3 +164,34 @@ def test_artifacts_record_directories_without_this_machines_absolute_path(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert portable_path(tmp_path / "corpus") == "corpus"
     assert portable_path(Path.home() / ".cache" / "advsentry" / "corpus").startswith("~/")
+
+
+def test_an_attack_marked_fit_false_is_evaluated_but_never_fitted_on():
+    """``fit=false`` (an attack the detector was not trained against): its adversarials stay out of the combiner fit."""
+    config = JobConfig(refit_combiner=True, target_fprs=(TARGET,), n_boot=10)
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(200), 2)
+    roles = assign_roles([frozenset([f"photo{g}"]) for g in groups], {HOLDOUT: config.holdout, THRESHOLD: config.threshold_split},
+                         config.seed, rest=FIT, mixed=MIXED)
+    n = len(groups)
+    clean = rng.normal(size=(n, 2))
+    seen = rng.normal(size=(n, 2)) + np.array([3.0, 0.0])  # separable on signal 0
+    unseen = rng.normal(size=(n, 2)) + np.array([0.0, 3.0])  # separable on signal 1 only
+
+    def bank(label: str, values: np.ndarray, fit: bool) -> AttackBank:
+        return AttackBank(AttackSpec(label, "fgsm", fit=fit), indices=np.arange(n), success=np.ones(n, bool),
+                          linf=np.zeros(n), l2=np.zeros(n), l0=np.zeros(n), queries=None, surrogate_success=None,
+                          entropies=values)
+
+    start = LogisticCombiner((0.0, 0.0), 0.0, (0.0, 0.0), (1.0, 1.0))
+    pooled = calibrate(config, start, clean, roles, {"a": bank("a", seen, True), "b": bank("b", unseen, True)}, roles,
+                       clean_groups=groups, group_of=groups)
+    apart = calibrate(config, start, clean, roles, {"a": bank("a", seen, True), "b": bank("b", unseen, False)}, roles,
+                      clean_groups=groups, group_of=groups)
+    assert apart.per_attack["a"]["combiner"] == "seen" and apart.per_attack["b"]["combiner"] == "unseen"
+    # fitted on "a" alone, the combiner leans on signal 0 and meets "b" near chance; pooled, it learned both
+    assert apart.per_attack["b"]["detection"]["auc"]["value"] < 0.7 < pooled.per_attack["b"]["detection"]["auc"]["value"]
+    assert AttackSpec.parse("deepfool:fit=false,limit=10").fit is False and AttackSpec.parse("deepfool").fit is True
+    with pytest.raises(ValueError, match="fit must be true or false"):
+        AttackSpec.parse("deepfool:fit=maybe")
+    assert "fit" not in AttackSpec.parse("deepfool:fit=false").unit_dict()  # the same attack's units are shared

@@ -55,6 +55,17 @@ OWN = R + "own_model/lite2_smoke_calibration.json"
 BB = R + "blackbox/blackbox_detector.json"
 BB_DEFAULT = R + "blackbox/default_same_images.json"
 BB_COST = R + "blackbox_cost.json"
+BB_SQ = R + "blackbox_squeeze/blackbox_squeeze_detector.json"
+BB_EXPORTED = R + "blackbox_squeeze/default_refit.json"
+#: docs/detection.md's black-box table: (row label, attack label, cells for blackbox-squeeze, blackbox, exported)
+BB_TABLE = (
+    ("FGSM 2/255 (124)", "fgsm", ("0.866 [0.82, 0.91]", "0.791 [0.73, 0.84]", "0.932 [0.90, 0.96]")),
+    ("FGSM 8/255 (128)", "fgsm_8", ("0.923 [0.88, 0.96]", "0.921 [0.88, 0.96]", "0.984 [0.97, 0.99]")),
+    ("PGD L∞ 2/255 (65)", "pgd_2", ("0.870 [0.79, 0.93]", "–", "0.992 [0.98, 1.00]")),
+    ("DeepFool (65)", "deepfool", ("0.905 [0.86, 0.95]", "–", "0.934 [0.89, 0.96]")),
+    ("Square L∞ 4/255, unseen (46)", "square_4", ("0.830 [0.76, 0.88]", "–", "0.955 [0.93, 0.98]")),
+    ("C&W L2, unseen (14)", "cw_l2", ("0.884 [0.80, 0.95]", "–", "–")),
+)
 OWN_TIMES = R + "own_model/timings.json"
 
 
@@ -557,37 +568,57 @@ QUOTES: list[Quote] = [
     *quotes(BEN, "the sidecar keeps 90–105 % of the throughput", PROXY,
             ("90", proxy_span("efficientnet", "vs_direct_with_entropies", 0), pct(0)),
             ("105", proxy_span("efficientnet", "vs_direct_with_entropies", -1), pct(0))),
-    # --- docs/detection.md: black-box mode (benchmarks/results/blackbox/, blackbox_cost.json) ---
-    *quotes(DET, "the shipped `blackbox` detector (`cal-9155e22fb872`)", BB, ("cal-9155e22fb872", "id", text)),
-    *quotes(DET, "split: **1.4 %** realized FPR at the 5 % target (2 of 140, [0.2, 5.1])", BB,
-            ("1.4", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr"], dec(1)),
-            ("2", "results/operating_points/0/held_out_false_positives", count),
-            ("140", "results/operating_points/0/held_out_clean", count),
-            ("0.2", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["low"], dec(1)),
-            ("5.1", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["high"], dec(1))),
-    *quotes(DET, "on the corpus dev part (360 candidates, the bundled model, FGSM at 2/255 and 8/255)", BB,
-            ("360", "job/max_images", count)),
-    *quotes(DET, "its threshold set on the threshold split (58 clean images)", BB,
-            ("58", "results/operating_points/0/threshold_set_on/clean", count)),
-    *quotes(DET, "| FGSM 2/255 | 0.791 [0.743, 0.844] |", BB,
-            ("0.791", "results/attacks/fgsm/detection/auc/value", dec(3)),
-            ("0.743", "results/attacks/fgsm/detection/auc/low", dec(3)),
-            ("0.844", "results/attacks/fgsm/detection/auc/high", dec(3))),
-    *quotes(DET, "| FGSM 8/255 | 0.921 [0.887, 0.952] |", BB,
-            ("0.921", "results/attacks/fgsm_8/detection/auc/value", dec(3)),
-            ("0.887", "results/attacks/fgsm_8/detection/auc/low", dec(3)),
-            ("0.952", "results/attacks/fgsm_8/detection/auc/high", dec(3))),
-    *quotes(DET, "| 0.905 [0.877, 0.933] |", BB_DEFAULT,
-            ("0.905", "results/attacks/fgsm/detection/auc/value", dec(3)),
-            ("0.877", "results/attacks/fgsm/detection/auc/low", dec(3)),
-            ("0.933", "results/attacks/fgsm/detection/auc/high", dec(3))),
-    *quotes(DET, "| 1.000 [0.999, 1.000] |", BB_DEFAULT,
-            ("1.000", "results/attacks/fgsm_8/detection/auc/value", dec(3)),
-            ("0.999", "results/attacks/fgsm_8/detection/auc/low", dec(3))),
-    *quotes(DET, "the signals take 6.19 ms per image at batch 1 and 4.70 ms at batch 16", BB_COST,
-            ("6.19", "rows/0/signals_ms_per_image", dec(2)), ("4.70", "rows/1/signals_ms_per_image", dec(2))),
-    *quotes(DET, "0.38× and 0.27× the bundled model's own forward pass", BB_COST,
-            ("0.38", "rows/0/ratio", dec(2)), ("0.27", "rows/1/ratio", dec(2))),
+    # --- docs/detection.md: black-box mode (benchmarks/results/blackbox*/, blackbox_cost.json) ---
+    *quotes(DET, "- `blackbox` (`cal-9155e22fb872`)", BB, ("cal-9155e22fb872", "id", text)),
+    *quotes(DET, "- `blackbox-squeeze` (`cal-ac1ffabb5595`)", BB_SQ, ("cal-ac1ffabb5595", "id", text)),
+    *[q for source in (BB, BB_SQ) for q in quotes(
+        DET, "measured on the held-out split: **1.4 %** realized FPR at the 5 % target for each (2 of 140,\n[0.2, 5.1])",
+        source,
+        ("1.4", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr"], dec(1)),
+        ("2", "results/operating_points/0/held_out_false_positives", count),
+        ("140", "results/operating_points/0/held_out_clean", count),
+        ("0.2", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["low"], dec(1)),
+        ("5.1", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["high"], dec(1)))],
+    *[q for source in (BB, BB_SQ, BB_EXPORTED) for q in quotes(
+        DET, "(360 candidates, the bundled model), thresholds set on the threshold split (58 clean images)", source,
+        ("360", "job/max_images", count), ("58", "results/operating_points/0/threshold_set_on/clean", count))],
+    *[q for label, attack, row in BB_TABLE for column, source in enumerate((BB_SQ, BB, BB_EXPORTED))
+      if row[column] != "–" for q in quotes(
+          DET, f"| {label} | " + " | ".join(row) + " |", source,
+          (row[column].split()[0], f"results/attacks/{attack}/auc_by_source/value", dec(3)),
+          (row[column].split()[1].strip("[,"), f"results/attacks/{attack}/auc_by_source/low", dec(2)),
+          (row[column].split()[2].strip("]"), f"results/attacks/{attack}/auc_by_source/high", dec(2)))],
+    *[q for label, attack, row in BB_TABLE for q in quotes(
+        DET, f"| {label} | " + " | ".join(row) + " |", BB_SQ, (label.rsplit("(", 1)[1].rstrip(")"), f"results/attacks/{attack}/detection/adversarial", count))],
+    *quotes(DET, "equal false alarms (5 % of the held-out clean images) `blackbox-squeeze` detects 0.600 of DeepFool,\n"
+                 "0.738 of PGD and 0.413 of Square", BB_SQ,
+            ("0.600", "results/attacks/deepfool/detection/tpr/0.05/value", dec(3)),
+            ("0.738", "results/attacks/pgd_2/detection/tpr/0.05/value", dec(3)),
+            ("0.413", "results/attacks/square_4/detection/tpr/0.05/value", dec(3))),
+    *quotes(DET, "the exported default 0.677, 0.923 and 0.717", BB_EXPORTED,
+            ("0.677", "results/attacks/deepfool/detection/tpr/0.05/value", dec(3)),
+            ("0.923", "results/attacks/pgd_2/detection/tpr/0.05/value", dec(3)),
+            ("0.717", "results/attacks/square_4/detection/tpr/0.05/value", dec(3))),
+    *quotes(DET, "exported default realized 9.3 % [5.0, 15.4] at its 5 % target", BB_EXPORTED,
+            ("9.3", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr"], dec(1)),
+            ("5.0", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["low"], dec(1)),
+            ("15.4", lambda d: 100 * d["results"]["operating_points"][0]["held_out_fpr_interval"]["high"], dec(1))),
+    *quotes(DET, "C&W has 14 held-out positives only (24 attacked", BB_SQ,
+            ("14", "results/attacks/cw_l2/detection/adversarial", count), ("24", "results/attacks/cw_l2/attacked", count)),
+    *quotes(DET, "take 7.53 ms per image at batch 1 and 5.45 ms at batch 16 (0.36× and 0.30× the bundled model's", BB_COST,
+            ("7.53", "detectors/blackbox/rows/0/signals_ms_per_image", dec(2)),
+            ("5.45", "detectors/blackbox/rows/1/signals_ms_per_image", dec(2)),
+            ("0.36", "detectors/blackbox/rows/0/ratio", dec(2)), ("0.30", "detectors/blackbox/rows/1/ratio", dec(2))),
+    *quotes(DET, "`blackbox-squeeze` 10.21 and 10.27 ms (squeezing included)", BB_COST,
+            ("10.21", "detectors/blackbox-squeeze/rows/0/signals_ms_per_image", dec(2)),
+            ("10.27", "detectors/blackbox-squeeze/rows/1/signals_ms_per_image", dec(2))),
+    *quotes(DET, "plus **two** extra upstream calls", BB_COST, ("two", lambda d: {2: "two"}.get(d["detectors"]["blackbox-squeeze"]["extra_upstream_calls"]), text)),
+    *quotes(DET, "(Triton\ncounted 3.0 model inferences per request)", BB_COST,
+            ("3.0", "served/blackbox-squeeze/model_inferences_per_request", dec(1))),
+    *quotes(DET, "p50 31.8 ms\ndirect, 51.7 ms with `blackbox`, 128.0 ms with `blackbox-squeeze`", BB_COST,
+            ("31.8", lambda d: 1000 * d["served"]["direct"]["latency"]["p50"], dec(1)),
+            ("51.7", lambda d: 1000 * d["served"]["blackbox"]["latency"]["p50"], dec(1)),
+            ("128.0", lambda d: 1000 * d["served"]["blackbox-squeeze"]["latency"]["p50"], dec(1))),
     # --- docs/own-model.md: the journey's smoke run (benchmarks/results/own_model/) ---
     *quotes(OWN_PAGE, "calibration cal-814e7b753f36: threshold 1.092101 (target FPR 0.05)", OWN,
             ("cal-814e7b753f36", "id", text), ("1.092101", "threshold", dec(6))),

@@ -71,7 +71,7 @@ def test_the_contract_names_what_a_model_did_instead():
     from detector.models import ModelContractError, check_pixel_contract
 
     assert check_pixel_contract(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(7)), 16) == 7
-    with pytest.raises(ModelContractError, match=r"NCHW.*raised RuntimeError.*wrapper module"):
+    with pytest.raises(ModelContractError, match=r"NCHW.*raised RuntimeError.*declare it with --input-layout"):
         check_pixel_contract(_NHWC(), 16, "model 'x:nhwc'")
     with pytest.raises(ModelContractError, match=r"returned \[2, 4, 14, 14\]"):
         check_pixel_contract(_Features(), 16)

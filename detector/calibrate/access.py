@@ -2,7 +2,8 @@
 
 - :func:`load_model` turns a model spec (``bundled``, a TorchScript file,
   ``package.module:factory`` with optional state-dict weights) into an
-  ``nn.Module`` taking ``[0, 1]`` pixels plus the :class:`ModelIdentity` the
+  ``nn.Module`` taking ``[0, 1]`` pixels (through the adapter of a declared
+  :class:`~detector.contract.InputContract`) plus the :class:`ModelIdentity` the
   artifact records (the weights hash is what the sidecar checks).
 - :class:`Scorer` computes logits and the detector's per-map entropies
   exactly as production does: locally through the detector's own feature
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from detector.contract import InputContract, adapt_model, contract_name
 from detector.detector import Detector
 from detector.features import extract_maps
 from detector.models import ModelIdentity, bundled_identity, file_sha256, load_bundled_model, state_dict_sha256
@@ -27,9 +29,16 @@ from .spec import JobConfigError
 from .triton_query import TritonEndpoint
 
 
-def load_model(spec: str, weights: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelIdentity]:
-    """(module in eval mode, identity) for ``bundled``, a TorchScript file, or ``pkg.module:factory``."""
+def load_model(spec: str, weights: str | None = None, device: str | torch.device = "cpu",
+               contract: InputContract | None = None) -> tuple[nn.Module, ModelIdentity]:
+    """(module in eval mode, identity) for ``bundled``, a TorchScript file, or ``pkg.module:factory``.
+
+    A declared input ``contract`` (NHWC, 0..255, normalized, FP16) wraps the
+    user's module in its adapter and is named in the identity.
+    """
     if spec == "bundled":
+        if contract is not None and not contract.is_default:
+            raise JobConfigError("the bundled model takes advsentry's pixels; an input contract is for your own model")
         return load_bundled_model(device), bundled_identity()
     if ":" in spec and not Path(spec).exists():
         module_name, _, attribute = spec.partition(":")
@@ -45,7 +54,7 @@ def load_model(spec: str, weights: str | None = None, device: str | torch.device
         model = model.eval().to(device)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        return model, ModelIdentity(spec, state_dict_sha256(model))
+        return adapt_model(model, contract), ModelIdentity(contract_name(spec, contract), state_dict_sha256(model))
     path = Path(spec)
     if not path.is_file():
         raise JobConfigError(f"model {spec!r}: not 'bundled', 'triton', an existing TorchScript file or pkg.module:factory")
@@ -53,7 +62,7 @@ def load_model(spec: str, weights: str | None = None, device: str | torch.device
         model = torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, ValueError) as error:
         raise JobConfigError(f"{path}: not a TorchScript file ({error})") from error
-    return model, ModelIdentity(path.stem, file_sha256(str(path.resolve())))
+    return adapt_model(model, contract), ModelIdentity(contract_name(path.stem, contract), file_sha256(str(path.resolve())))
 
 
 class Scorer:

@@ -4,7 +4,9 @@ Three origins (:meth:`JobConfig.resolved_clean_source`): the user's
 ``--images``; the real-photo corpus's *dev* part (:mod:`detector.corpus`;
 its test part is reserved for reporting), grouped by the manifest's
 ``source`` and capped at ``--max-images`` (600 by default) across as many
-sources as possible; or crops of the bundled photos.
+sources as possible; both together (``--images`` with ``--clean-source
+corpus``: the files all used, the corpus capped); or crops of the bundled
+photos.
 
 Everything here is decided *before* any model runs, from the file list (or
 the bundled photos) and the seed alone, so every shard of a job agrees on it
@@ -259,6 +261,18 @@ def _corpus_candidates(config: JobConfig) -> tuple[list[Candidate], dict[str, st
     return candidates, hashes, details
 
 
+def _file_candidates(config: JobConfig, cap: int | None) -> tuple[list[Candidate], dict[str, str], str]:
+    """The user's ``--images``: each file its own source and, by content, its own original."""
+    files = _image_files(config.images)
+    if cap is not None and len(files) > cap:  # a seeded subset, kept in file order
+        keep = np.sort(np.random.default_rng([config.seed, 0xF1]).permutation(len(files))[:cap])
+        files = [files[i] for i in keep]
+    sources = {name: file_sha256(str(path.resolve())) for name, path in files}
+    # a file is its own original, by content: two copies of one file land in one split
+    candidates = [Candidate(name, name, path=str(path), originals=frozenset([f"sha256:{sources[name]}"])) for name, path in files]
+    return candidates, sources, "image files: " + ", ".join(config.images)
+
+
 def plan_clean_images(config: JobConfig) -> CleanPlan:
     """Enumerate candidates, hash their sources and split them by originals (no model involved)."""
     source = config.resolved_clean_source()
@@ -267,6 +281,17 @@ def plan_clean_images(config: JobConfig) -> CleanPlan:
         candidates, sources, corpus_details = _corpus_candidates(config)
         origin = CORPUS_ORIGIN
         extra["corpus"] = corpus_details
+    elif source == "corpus+files":  # the user's files and the corpus, interleaved so any prefix has both
+        candidates, sources, corpus_details = _corpus_candidates(config)
+        files, file_sources, files_origin = _file_candidates(config, cap=None)
+        taken = sorted(set(sources) & set(file_sources))
+        if taken:
+            raise JobConfigError(f"image file names {taken[:3]} are also corpus image ids; rename the files or their folder")
+        candidates = _round_robin([files, candidates])
+        sources = {**file_sources, **sources}
+        origin = f"{files_origin} and the {CORPUS_ORIGIN}"
+        extra["corpus"] = corpus_details
+        extra["image_files"] = len(files)
     elif source == "bundled":
         samples = _interleave(random_crops(config.crops_per_photo, seed=config.seed, size=config.image_size, min_fraction=0.3))
         photos = sorted({s.source for s in samples})
@@ -278,14 +303,7 @@ def plan_clean_images(config: JobConfig) -> CleanPlan:
         origin = "bundled photos (scikit-image, scikit-learn, matplotlib sample data), random square crops"
         extra["crops_per_photo"] = config.crops_per_photo
     else:
-        files = _image_files(config.images)
-        if config.image_cap is not None and len(files) > config.image_cap:  # a seeded subset, kept in file order
-            keep = np.sort(np.random.default_rng([config.seed, 0xF1]).permutation(len(files))[: config.image_cap])
-            files = [files[i] for i in keep]
-        sources = {name: file_sha256(str(path.resolve())) for name, path in files}
-        # a file is its own original, by content: two copies of one file land in one split
-        candidates = [Candidate(name, name, path=str(path), originals=frozenset([f"sha256:{sources[name]}"])) for name, path in files]
-        origin = "image files: " + ", ".join(config.images)
+        candidates, sources, origin = _file_candidates(config, cap=config.image_cap)
     if config.max_images is not None:
         extra["max_images"] = config.max_images
     roles = split_candidates(candidates, config)

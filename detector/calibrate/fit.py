@@ -4,7 +4,8 @@ Three splits of the clean images, by originals (:mod:`.data`, :mod:`.splits`):
 
 - *fit*: with ``refit_combiner`` a :class:`LogisticCombiner` over the
   detector's maps is fitted on the fit split's clean images against the
-  successful adversarials of fit-split images (all attacks pooled); otherwise
+  successful adversarials of fit-split images (all attacks pooled, but those
+  marked ``fit=false``: evaluated only); otherwise
   the configured combiner is kept as is. With ``refit_signals`` (which implies
   it) the learned signals' columns of the fit rows already hold out-of-fold
   values and those of every other row the refitted signals' values
@@ -202,7 +203,8 @@ def calibrate(
         )
     held_groups = clean_groups[clean_roles == HOLDOUT]
     if config.refit_combiner:
-        positives = [b.entropies[candidate_roles[b.success_indices] == FIT] for b in banks.values() if len(b.entropies)]
+        positives = [b.entropies[candidate_roles[b.success_indices] == FIT] for b in banks.values()
+                     if len(b.entropies) and b.spec.fit]  # fit=false attacks are evaluated only
         positives = np.vstack(positives) if positives else np.zeros((0, clean_entropies.shape[1]))
         # keeps the configured form: a combiner shipped with z² terms is refitted with them
         combiner = fit_logistic_combiner(rows[FIT], positives, quadratic=bool(getattr(combiner, "quadratic", ())))
@@ -238,6 +240,8 @@ def calibrate(
         scores[label] = positives
         summary = attack_summary(bank)
         summary["evaluated_positives"] = "held-out images" if config.refit_combiner else "all images"
+        if config.refit_combiner:
+            summary["combiner"] = "seen" if bank.spec.fit else "unseen"
         summary["detection"] = evaluate(held_scores, positives, fprs=FPR_POINTS, n_boot=config.n_boot, seed=config.seed).to_dict()
         summary["detection"]["interval_method"] = "bootstrap over images (too narrow with few sources; see auc_by_source)"
         summary["auc_by_source"] = cluster_auc(held_scores, positives, held_groups, np.asarray(group_of)[origins],

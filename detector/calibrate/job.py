@@ -123,7 +123,8 @@ class CalibrationJob:
             endpoint = None
             if config.uses_triton:
                 endpoint = TritonEndpoint(config.triton_url, config.triton_model)  # type: ignore[arg-type]
-            local, identity = (None, None) if config.model == "triton" else load_model(config.model, config.weights, self.device)
+            local, identity = (None, None) if config.model == "triton" else load_model(config.model, config.weights, self.device,
+                                                                                           config.contract)
             if identity is None or config.model_name or config.weights_sha256:
                 identity = ModelIdentity(
                     config.model_name or (identity.name if identity else config.triton_model),
@@ -208,7 +209,7 @@ class CalibrationJob:
 
     def universal_key(self, spec: AttackSpec) -> str:
         # the fit pool (fit and threshold candidates, stages.universal_pool) is part of what the perturbation depends on
-        return digest("universal", self.clean_key, spec.to_dict(), self.config.seed, self.config.quantize,
+        return digest("universal", self.clean_key, spec.unit_dict(), self.config.seed, self.config.quantize,
                       stages.universal_pool(self.plan))
 
     def attack_key(self, spec: AttackSpec) -> str:
@@ -216,7 +217,7 @@ class CalibrationJob:
         route = "triton" if spec.scenario == "black_box_probing" and (c.query_via_triton or c.model == "triton") else "local"
         surrogate = (c.surrogate, c.surrogate_weights) if spec.transfer else None
         universal = self.universal_key(spec) if spec.scenario == "universal" else None
-        return digest("attack", self.clean_key, spec.to_dict(), c.seed, c.quantize, route, surrogate, universal)
+        return digest("attack", self.clean_key, spec.unit_dict(), c.seed, c.quantize, route, surrogate, universal)
 
     def job_document(self, shard: tuple[int, int]) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "identity": self.identity.to_dict(), "shard": f"{shard[0]}/{shard[1]}",

@@ -15,7 +15,10 @@ these job-level ones:
 - ``transfer=true``: black box *without* probing: craft on the surrogate model
   (``--surrogate``), count success on the protected model;
 - ``limit=N``: attack only selected images among the first N candidates (for
-  expensive attacks; candidates are interleaved across source photos).
+  expensive attacks; candidates are interleaved across source photos);
+- ``fit=false``: evaluated only, never fitted on: ``--refit-combiner`` /
+  ``--refit-signals`` leave its adversarials out, so its results say how the
+  detector meets an attack it was not trained against (``"combiner": "unseen"``).
 
 The scenario follows from the attack's family: white-box attacks run on the
 local model, query-based ones (boundary, hopskipjump, square, one_pixel) reach
@@ -31,7 +34,10 @@ import json
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from detector.contract import InputContract
 
 SCENARIOS = ("white_box", "black_box_probing", "black_box_transfer", "universal")
 CLEAN_SOURCES = ("auto", "corpus", "bundled")
@@ -65,6 +71,7 @@ class AttackSpec:
     targeted: bool = False
     transfer: bool = False
     limit: int | None = None
+    fit: bool = True  # False: evaluated only, the combiner never sees its adversarials
 
     @property
     def scenario(self) -> str:
@@ -77,6 +84,12 @@ class AttackSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def unit_dict(self) -> dict[str, Any]:
+        """What decides the attack's adversarials (a work unit's key): ``fit`` does not, so units are shared."""
+        data = self.to_dict()
+        del data["fit"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AttackSpec":
@@ -95,7 +108,7 @@ class AttackSpec:
         if cls_.family == "fooling":
             raise JobConfigError(f"{name}: fooling images have no clean counterpart and cannot calibrate a threshold")
         params: dict[str, Any] = {}
-        job: dict[str, Any] = {"as": name, "targeted": False, "transfer": False, "limit": None}
+        job: dict[str, Any] = {"as": name, "targeted": False, "transfer": False, "limit": None, "fit": True}
         for item in filter(None, (part.strip() for part in rest.split(","))):
             key, sep, value = item.partition("=")
             if not sep:
@@ -112,7 +125,9 @@ class AttackSpec:
         limit = job["limit"]
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise JobConfigError(f"attack {text!r}: limit must be a positive integer")
-        return cls(str(job["as"]), name, params, bool(job["targeted"]), bool(job["transfer"]), limit)
+        if not isinstance(job["fit"], bool):
+            raise JobConfigError(f"attack {text!r}: fit must be true or false")
+        return cls(str(job["as"]), name, params, bool(job["targeted"]), bool(job["transfer"]), limit, job["fit"])
 
     def seed_for(self, seed: int, chunk: int) -> int:
         """Per-(attack, chunk) seed: independent of which shard or process runs the chunk."""
@@ -135,6 +150,7 @@ class JobConfig:
     # the protected model
     model: str = "bundled"  # bundled | FILE (TorchScript) | pkg.module:factory | triton
     weights: str | None = None  # state dict for a factory
+    input_contract: dict[str, Any] | None = None  # what the user's module takes (detector.contract); None: our pixels
     model_name: str | None = None  # identity overrides (needed for model=triton)
     weights_sha256: str | None = None
     triton_url: str | None = None
@@ -188,10 +204,22 @@ class JobConfig:
             raise JobConfigError("chunk size and crops per photo must be positive")
         if self.clean_source not in CLEAN_SOURCES:
             raise JobConfigError(f"clean source must be one of {', '.join(CLEAN_SOURCES)}, got {self.clean_source!r}")
-        if self.images and self.clean_source != "auto":
-            raise JobConfigError(f"--images and --clean-source {self.clean_source} exclude each other (images are the clean source)")
-        if self.corpus and (self.images or self.clean_source == "bundled"):
-            raise JobConfigError("--corpus names the corpus to use; it makes no sense with --images or --clean-source bundled")
+        if self.images and self.clean_source == "bundled":
+            raise JobConfigError("--images and --clean-source bundled exclude each other (add the real-photo corpus "
+                                 "to your images with --clean-source corpus)")
+        if self.corpus and (self.clean_source == "bundled" or (self.images and self.clean_source != "corpus")):
+            raise JobConfigError("--corpus names the corpus to use; it makes no sense with --clean-source bundled, "
+                                 "nor with --images unless --clean-source corpus adds it to them")
+        if self.input_contract is not None:
+            from detector.contract import ContractError
+
+            try:
+                contract = self.contract
+            except ContractError as error:
+                raise JobConfigError(str(error)) from error
+            if not contract.is_default and self.model in ("bundled", "triton"):
+                raise JobConfigError(f"--input-* flags declare how your own model takes its input; --model {self.model} "
+                                     "takes advsentry's pixels")
         if self.max_images is not None and self.max_images < 2:
             raise JobConfigError(f"max images must be at least 2 (one per split), got {self.max_images}")
         labels = [a.label for a in self.attacks]
@@ -217,6 +245,12 @@ class JobConfig:
             raise JobConfigError("transfer=true attacks need --surrogate (the model they are crafted on)")
 
     @property
+    def contract(self) -> "InputContract":
+        from detector.contract import InputContract
+
+        return InputContract.from_dict(self.input_contract)
+
+    @property
     def uses_triton(self) -> bool:
         return self.model == "triton" or self.query_via_triton or self.score_via_triton
 
@@ -230,7 +264,12 @@ class JobConfig:
         return not self.images
 
     def resolved_clean_source(self) -> str:
-        """``"files"`` (``--images``), ``"corpus"`` or ``"bundled"``: where this job's clean images come from.
+        """``"files"`` (``--images``), ``"corpus"``, ``"corpus+files"`` or ``"bundled"``: where the clean images come from.
+
+        ``--images`` with ``--clean-source corpus``: both, the user's files and
+        the corpus's dev part (capped by ``--max-images``) in one job, so a
+        user's few images of their own domain are joined by many real photos
+        from many sources (what the held-out FPR's interval needs).
 
         ``auto`` takes the real-photo corpus only when it is installed *and* the
         model is the bundled one: the corpus was collected and labelled for the
@@ -240,7 +279,7 @@ class JobConfig:
         never looks for one.
         """
         if self.images:
-            return "files"
+            return "corpus+files" if self.clean_source == "corpus" else "files"
         if self.clean_source == "auto" and self.corpus:
             return "corpus"  # naming a corpus asks for it: a missing one is an error, not a silent fallback
         if self.clean_source == "auto":
@@ -257,7 +296,7 @@ class JobConfig:
         """The cap on candidates: ``max_images``, else :data:`DEFAULT_CORPUS_IMAGES` for the corpus, else none."""
         if self.max_images is not None:
             return self.max_images
-        return DEFAULT_CORPUS_IMAGES if self.resolved_clean_source() == "corpus" else None
+        return DEFAULT_CORPUS_IMAGES if self.resolved_clean_source() in ("corpus", "corpus+files") else None
 
     @property
     def confidence_floor(self) -> float:

@@ -53,8 +53,24 @@ class SignalContext:
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits of another batch through the same model (no autograd)."""
+        if self.model is None:
+            raise SignalError("this signal runs the model again; in black-box mode its copies' logits must be given")
         with torch.no_grad():
             return self.model(pixels)
+
+    def transformed_logits(self, key: str, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Logits of ``transform(pixels)``: one more forward pass per batch and ``key``.
+
+        In black-box mode there is no model here: the sidecar sent the copies
+        upstream and passes their logits in (:meth:`with_transformed`).
+        """
+        return self.cached(("transformed_logits", key), lambda: self.forward(transform(self.pixels)))
+
+    def with_transformed(self, logits: dict[str, torch.Tensor]) -> "SignalContext":
+        """This context, the logits of the transformed copies ``{key: [B, classes]}`` already known."""
+        for key, values in logits.items():
+            self._cache[("transformed_logits", key)] = values
+        return self
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -80,6 +96,14 @@ class Signal(abc.ABC):
     def layers(self) -> set[str]:
         """Modules whose forward outputs this signal reads (captured during the main forward pass)."""
         return set()
+
+    def transforms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Transformed copies of the input whose logits this signal needs, by key (see :meth:`SignalContext.transformed_logits`).
+
+        Why declared: in black-box mode the sidecar sends each copy upstream as
+        one more call beside the request's own, so it must know them up front.
+        """
+        return {}
 
     @abc.abstractmethod
     def values(self, context: SignalContext) -> torch.Tensor:

@@ -4,7 +4,9 @@ A squeezer removes detail a clean photo does not need and an adversarial
 perturbation does: fewer bits per colour, or a small median filter. The
 signal is the L1 distance between the softmax of the input and of its
 squeezed copy; the squeezed copy runs through the model as one more forward
-pass of the same batch, inside the same Triton call.
+pass of the same batch, inside the same Triton call (an exported model), or
+as one more upstream call beside the request's own (black-box mode, the
+sidecar squeezes the request's pixels).
 
 The squeezers follow the reference implementation (EvadeML-Zoo) exactly, so
 the numbers compare with the paper's: bit depth ``round(x·(2^b-1))/(2^b-1)``,
@@ -18,7 +20,7 @@ batched on the model's device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +67,17 @@ class SqueezeDistance(Signal):
             return bit_depth(pixels, self.bits)
         return median_filter(pixels, self.size)
 
+    @property
+    def transform_key(self) -> str:
+        """The squeezed copy's name: two signals with the same squeezer share one forward pass (or upstream call)."""
+        return f"{self.squeezer}{self.bits if self.squeezer == 'bit_depth' else self.size}"
+
+    def transforms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        return {self.transform_key: self.squeeze}
+
     def values(self, context: SignalContext) -> torch.Tensor:
-        key = ("squeezed_softmax", self.squeezer, self.bits if self.squeezer == "bit_depth" else self.size)
         squeezed = context.cached(
-            key, lambda: torch.softmax(context.forward(self.squeeze(context.pixels)).float(), dim=1)
+            ("squeezed_softmax", self.transform_key),
+            lambda: torch.softmax(context.transformed_logits(self.transform_key, self.squeeze).float(), dim=1),
         )
         return (context.probabilities - squeezed).abs().sum(dim=1)

@@ -31,6 +31,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .contract_options import InputDtype, InputLayout, InputNormalize, InputScale, input_contract
 from .exits import EXIT_CALIBRATION_ERROR, EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_USAGE, fail
 
 calibrate_app = typer.Typer(
@@ -87,6 +88,10 @@ def run(
     shard: Annotated[Optional[str], typer.Option(help="Compute part i of n (i/n); combine with `calibrate merge`.")] = None,
     model: Annotated[str, typer.Option(help="bundled | TorchScript FILE | pkg.module:factory | triton.")] = "bundled",
     weights: Annotated[Optional[Path], typer.Option(help="State dict for a pkg.module:factory model.")] = None,
+    input_layout: InputLayout = "nchw",
+    input_scale: InputScale = 1.0,
+    input_normalize: InputNormalize = None,
+    input_dtype: InputDtype = "float32",
     model_name: Annotated[Optional[str], typer.Option(help="Model name recorded in the artifact (default: from --model).")] = None,
     weights_sha256: Annotated[Optional[str], typer.Option(help="Weights hash recorded in the artifact (needed for --model triton to match a sidecar that knows the weights).")] = None,
     triton_url: Annotated[Optional[str], typer.Option(help="Triton gRPC endpoint HOST:PORT (for --model triton or --query-via-triton).")] = None,
@@ -96,7 +101,7 @@ def run(
     surrogate: Annotated[Optional[str], typer.Option(help="Surrogate model for transfer=true attacks (same forms as --model).")] = None,
     surrogate_weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory surrogate.")] = None,
     images: Annotated[Optional[list[Path]], typer.Option("--images", help="Clean image folder or file (repeatable); default: see --clean-source.")] = None,
-    clean_source: Annotated[str, typer.Option(help="Without --images: auto (the real-photo corpus's dev part when installed and the model is bundled, else the bundled photos) | corpus | bundled.")] = "auto",
+    clean_source: Annotated[str, typer.Option(help="Without --images: auto (the real-photo corpus's dev part when installed and the model is bundled, else the bundled photos) | corpus | bundled. With --images: corpus adds the corpus's dev part to your images.")] = "auto",
     corpus: Annotated[Optional[Path], typer.Option(help="Corpus root (default: $ADVSENTRY_CORPUS_DIR, else ~/.cache/advsentry/corpus).")] = None,
     max_images: Annotated[Optional[int], typer.Option(min=2, help="Use at most this many clean candidates (bounds run time); default 600 from the corpus, all otherwise.")] = None,
     min_samples: Annotated[str, typer.Option(help="Below the minimum sample sizes: warn (loudly, default), strict (refuse, exit 2), off (only record them).")] = "warn",
@@ -141,6 +146,7 @@ def run(
     try:
         config = JobConfig(
             model=model, weights=str(weights) if weights else None, model_name=model_name, weights_sha256=weights_sha256,
+            input_contract=_contract_dict(input_contract(input_layout, input_scale, input_normalize, input_dtype)),
             triton_url=triton_url, triton_model=triton_model, query_via_triton=query_via_triton,
             score_via_triton=score_via_triton,
             surrogate=surrogate, surrogate_weights=str(surrogate_weights) if surrogate_weights else None,
@@ -158,6 +164,11 @@ def run(
     _execute(lambda: run_calibration(config, work, out=out, report=report, shard=parts, device=device, progress=progress,
                                      min_samples=min_samples),
              out, report, parts)
+
+
+def _contract_dict(contract) -> dict | None:  # type: ignore[no-untyped-def, type-arg]
+    """The job records a contract only when one is declared (older jobs, and most, have none)."""
+    return None if contract.is_default else contract.to_dict()
 
 
 def _check_policy(min_samples: str) -> None:
@@ -208,6 +219,10 @@ def verify(
     artifact: Annotated[Path, typer.Argument(help="Calibration artifact (JSON).")],
     model: Annotated[Optional[str], typer.Option(help="Also check it fits this model: bundled | FILE | pkg.module:factory.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory model.")] = None,
+    input_layout: InputLayout = "nchw",
+    input_scale: InputScale = 1.0,
+    input_normalize: InputNormalize = None,
+    input_dtype: InputDtype = "float32",
     detector: Annotated[Optional[str], typer.Option(help="Also check it fits this detector: default | fixed-signals | entropy-9photo | paper | artifact FILE.")] = None,
 ) -> None:
     """Check an artifact as the sidecar does (schema, checksum, model and detector match). Exit 4 if refused."""
@@ -224,7 +239,8 @@ def verify(
         if model is not None:
             from detector.calibrate.access import load_model
 
-            identity = load_model(model, str(weights) if weights else None)[1]
+            identity = load_model(model, str(weights) if weights else None,
+                                  contract=input_contract(input_layout, input_scale, input_normalize, input_dtype))[1]
         problems = loaded.mismatches(features, identity)
         if problems:
             raise CalibrationError(f"{artifact} does not match: " + "; ".join(problems))

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .contract_options import InputDtype, InputLayout, InputNormalize, InputScale, input_contract
 from .exits import EXIT_USAGE, EXIT_CALIBRATION_ERROR, EXIT_INPUT_ERROR, fail
 
 
@@ -14,7 +15,8 @@ def export_model(
     out: Annotated[Path, typer.Option(help="Model repository directory to write (created if missing).")],
     name: Annotated[str, typer.Option(help="Model name in the repository.")] = "efficientnet-lite0",
     factory: Annotated[Optional[str], typer.Option(
-        help="'package.module:function' returning your eager nn.Module (takes [B,3,H,W] pixels in [0,1]); "
+        help="'package.module:function' returning your eager nn.Module (takes [B,3,H,W] pixels in [0,1], or what "
+             "the --input-* flags declare); "
              "default: the bundled EfficientNet-Lite0. Must be importable where Triton runs.",
         show_default=False)] = None,
     weights: Annotated[Optional[Path], typer.Option(
@@ -28,6 +30,10 @@ def export_model(
              "signals the model must return (default: the study's default detector for the bundled model, the "
              "model-agnostic guided-backprop map for --factory models).",
         show_default=False)] = None,
+    input_layout: InputLayout = "nchw",
+    input_scale: InputScale = 1.0,
+    input_normalize: InputNormalize = None,
+    input_dtype: InputDtype = "float32",
     image_size: Annotated[int, typer.Option(min=32, help="Input height and width.")] = 224,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Triton max_batch_size.")] = 8,
     gpu: Annotated[bool, typer.Option("--gpu", help="KIND_GPU instances instead of KIND_CPU.")] = False,
@@ -52,9 +58,14 @@ def export_model(
             fail(f"{error}", EXIT_CALIBRATION_ERROR)
     if weights is not None and factory is None:
         fail("--weights needs --factory (the module the state dict belongs to)", EXIT_USAGE)
+    contract = input_contract(input_layout, input_scale, input_normalize, input_dtype)
+    if factory is None and not contract.is_default:
+        fail("--input-* flags declare how your own model (--factory) takes its input; the bundled model takes "
+             "advsentry's pixels", EXIT_USAGE)
     source = ModelSource()
     if factory is not None:
-        source = ModelSource("state_dict" if weights else "factory", factory, weights)
+        source = ModelSource("state_dict" if weights else "factory", factory, weights,
+                             None if contract.is_default else contract)
     try:
         path = export_model_repository(
             out, model_name=name, source=source, features=features, image_size=image_size,

@@ -53,6 +53,8 @@ ALL_MODELS = "*"
 #: Black-box mode: the model output holding the logits, and the key the request's pixels travel under to the batcher.
 LOGITS_OUTPUT = "logits"
 BLACKBOX_PIXELS = "advsentry:pixels"
+#: ... and the keys the logits of its transformed copies (Feature Squeezing's) travel under, plus the copy's key.
+TRANSFORMED_PREFIX = "advsentry:copy:"
 
 
 class ReloadRefused(Exception):
@@ -137,13 +139,16 @@ class ModelDetector:
     def score(self, maps: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores ``[N]`` for maps keyed by Triton output name (runs the detector; blocking).
 
-        Black-box mode: ``maps`` holds the logits and the request's pixels
-        (:data:`BLACKBOX_PIXELS`), and the signals are computed here.
+        Black-box mode: ``maps`` holds the logits, the request's pixels
+        (:data:`BLACKBOX_PIXELS`) and the logits of its transformed copies
+        (:data:`TRANSFORMED_PREFIX`), and the signals are computed here.
         """
         import torch
 
         if BLACKBOX_PIXELS in maps:
-            entropies = self.detector.outside_entropies(maps[BLACKBOX_PIXELS], maps[LOGITS_OUTPUT])
+            transformed = {name[len(TRANSFORMED_PREFIX):]: values for name, values in maps.items()
+                           if name.startswith(TRANSFORMED_PREFIX)}
+            entropies = self.detector.outside_entropies(maps[BLACKBOX_PIXELS], maps[LOGITS_OUTPUT], transformed)
             return self.detector.score_entropies(entropies)
         tensors = {
             self.output_to_map[name]: torch.from_numpy(np.array(array, dtype=np.float32, copy=True))

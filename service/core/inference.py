@@ -21,6 +21,8 @@ DetectorService and the library interceptor share every rule:
    (``advsentry export-model`` models), else the feature maps;
 5. call upstream (internal metadata such as the trusted-caller secret is
    stripped first), map its errors to statuses with a message naming the cause;
+   in black-box mode with Feature Squeezing, the squeezed copies of the
+   request go upstream at the same time (``service/core/copies.py``);
 6. score: signals through the combiner inline (a few floats), or maps
    through the micro-batcher (zero-copy views of the raw output bytes);
 7. observe: hooks see the scored request (traffic sketch, probing, capture);
@@ -57,7 +59,17 @@ from ..metrics import SidecarMetrics
 from ..settings import Disclosure, EntropyIn, Policy, ScoringFailure, Settings
 from ..tracing import extract_parent, get_tracer, inject_metadata
 from .batching import MicroBatcher
-from .detectors import BLACKBOX_PIXELS, LOGITS_OUTPUT, BatchKey, DetectorRegistry, ModelDetector, Serving, advsentry_outputs
+from .copies import request_pixels, transformed_logits
+from .detectors import (
+    BLACKBOX_PIXELS,
+    LOGITS_OUTPUT,
+    TRANSFORMED_PREFIX,
+    BatchKey,
+    DetectorRegistry,
+    ModelDetector,
+    Serving,
+    advsentry_outputs,
+)
 from .policy import PARAM_ERROR, PARAM_INVALID_INPUT, Assessment, PolicyRejection, apply_policy, disclosed, disclosure_for
 from .requests import (
     MetadataLookup,
@@ -354,11 +366,12 @@ class InferenceCore:
             if protection.serving is None:
                 return await self._unservable(request, upstream, ctx, spec, protection, labels, invalid)
             feature_outputs, hook_outputs, hidden = self._request_outputs(request, spec, protection)
-            response = await self._forward(request, upstream, ctx, protection, timing)
+            response, transformed = await self._forward(request, upstream, ctx, protection, timing)
             labels = (ctx.model, response.model_version or ctx.version)
             self.metrics.upstream_latency.labels(*labels).observe(timing.upstream_s)
             try:
-                assessment, signals = await self._score(response, protection, feature_outputs, labels, timing, request)
+                assessment, signals = await self._score(response, protection, feature_outputs, labels, timing,
+                                                        request, transformed)
             except Unscored as unscored:
                 strip_outputs(response, hidden)
                 return self._unscored(response, protection, labels, unscored, invalid)
@@ -408,15 +421,50 @@ class InferenceCore:
         return feature_outputs, hook_outputs, hidden
 
     async def _forward(self, request, upstream: UpstreamCall, ctx: RequestContext, protection: Protection,
-                       timing: "_Timing"):
+                       timing: "_Timing") -> tuple[object, "dict[str, np.ndarray] | Exception | None"]:
+        """The upstream response, and in black-box mode the logits of the transformed copies (or why they failed).
+
+        The copies (Feature Squeezing's squeezed inputs) go upstream at the same
+        time as the request; a failed copy is the scoring's business (unscored),
+        a failed request cancels the copies.
+        """
         t0 = time.perf_counter()
+        copies = self._send_copies(request, upstream, ctx, protection)
         try:
             if protection.entropy_output:  # scored inline: nothing for the batcher to wait for
-                return await self._call_upstream(request, upstream, ctx.metadata)
+                return await self._call_upstream(request, upstream, ctx.metadata), None
             with self.batcher.incoming():  # lets the batcher wait for this request, and only while needed
-                return await self._call_upstream(request, upstream, ctx.metadata)
+                response = await self._call_upstream(request, upstream, ctx.metadata)
+                return response, (await copies if copies is not None else None)
+        except BaseException:
+            if copies is not None:
+                copies.cancel()
+                await asyncio.gather(copies, return_exceptions=True)
+            raise
         finally:
             timing.upstream_s = time.perf_counter() - t0
+
+    def _send_copies(self, request, upstream: UpstreamCall, ctx: RequestContext,
+                     protection: Protection) -> "asyncio.Future | None":
+        """Black-box mode with signals on transformed copies: their upstream calls, started now (a task)."""
+        serving = protection.serving
+        if serving is None or serving.kind != "blackbox":
+            return None
+        transforms = protection.detector.detector.outside_transforms()
+        if not transforms:
+            return None
+        self.metrics.transformed_copies.labels(ctx.model).inc(len(transforms))
+
+        async def logits() -> "dict[str, np.ndarray] | Exception":
+            try:
+                return await transformed_logits(request, transforms,
+                                                lambda copy: self._call_upstream(copy, upstream, ctx.metadata))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the request is then unscored, not failed
+                return error
+
+        return asyncio.ensure_future(logits())
 
     @staticmethod
     def _batch_key(protection: Protection, maps: Mapping[str, np.ndarray]) -> BatchKey:
@@ -424,7 +472,8 @@ class InferenceCore:
         return BatchKey(protection.detector, tuple((name, tuple(maps[name].shape[1:])) for name in maps))
 
     async def _score(self, response, protection: Protection, feature_outputs: tuple[str, ...], labels,
-                     timing: "_Timing", request=None) -> tuple[Assessment, np.ndarray | None]:
+                     timing: "_Timing", request=None,
+                     transformed: "dict[str, np.ndarray] | Exception | None" = None) -> tuple[Assessment, np.ndarray | None]:
         """Scores of the response's inputs by the request's snapshot; a failure raises :class:`Unscored`."""
         t1 = time.perf_counter()
         model = labels[0]
@@ -438,7 +487,10 @@ class InferenceCore:
                     scores = detector.score_entropies(signals)
                     self.metrics.observe_detector_call(model, int(scores.size), 1, time.perf_counter() - t2)
                 elif protection.serving is not None and protection.serving.kind == "blackbox":
-                    maps = {LOGITS_OUTPUT: output_array(response, LOGITS_OUTPUT), BLACKBOX_PIXELS: request_pixels(request)}
+                    if isinstance(transformed, Exception):
+                        raise RuntimeError(f"an upstream call of a transformed copy failed: {transformed}")
+                    maps = {LOGITS_OUTPUT: output_array(response, LOGITS_OUTPUT), BLACKBOX_PIXELS: request_pixels(request),
+                            **{TRANSFORMED_PREFIX + key: values for key, values in (transformed or {}).items()}}
                     scores = await self.batcher.score(self._batch_key(protection, maps), maps)
                 else:
                     maps = {name: output_array(response, name) for name in feature_outputs}
@@ -580,15 +632,6 @@ class InferenceCore:
                          assessment.threshold, disclosure.value)
         self.metrics.requests.labels(*labels, assessment.verdict, result, protection.policy.value).inc()
         return response
-
-
-def request_pixels(request) -> np.ndarray:
-    """Black-box mode: the request's one FP32 ``[B, 3, H, W]`` input (pixels in [0, 1]); ValueError otherwise."""
-    images = [a for a in input_arrays(request).values() if a.dtype == np.float32 and a.ndim == 4 and a.shape[1] == 3]
-    if len(images) != 1:
-        raise ValueError("black-box mode needs exactly one FP32 [B, 3, H, W] input of pixels in [0, 1], got "
-                         f"{[(t.name, t.datatype, list(t.shape)) for t in request.inputs]}")
-    return images[0]
 
 
 def _scores_text(assessment: Assessment) -> str:

@@ -7,6 +7,9 @@ This file is copied verbatim as ``<repository>/<model>/1/model.py`` by
   advsentry), ``{"kind": "factory", "callable": "pkg.module:function"}`` (a
   function returning an eager ``nn.Module`` that takes ``[B, 3, H, W]`` pixels in
   ``[0, 1]``) or ``{"kind": "state_dict", ...}`` (factory + weights file);
+  with ``"contract"`` (detector/contract.py) when the module takes NHWC,
+  0..255, normalized or FP16 input: it is wrapped in the same adapter as
+  in ``advsentry calibrate``, so the served ``pixels`` stay advsentry's;
 - ``features``: ``{output name: ScoreConfig dict}``, the maps the detector reads;
 - ``feature_order``: their order (the columns of the entropy output);
 - ``entropy_output``: that output's name, checked against the features' hash;
@@ -67,7 +70,9 @@ def _load_module(source, device):
         model = model.eval().to(device)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        return model
+        from detector.contract import InputContract, adapt_model
+
+        return adapt_model(model, InputContract.from_dict(source.get("contract"))).to(device)
     raise ValueError(f"advsentry_model.json: unknown source kind {kind!r}")
 
 

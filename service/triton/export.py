@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from detector import ScoreConfig
+from detector.contract import InputContract
 from detector.embedding import DEFAULT_EMBEDDING, EMBEDDING_OUTPUT, EmbeddingConfig
 from detector.models import ModelIdentity
 from detector.signals import FeatureConfig
@@ -55,6 +56,7 @@ class ModelSource:
     kind: str = "bundled"
     callable: str | None = None
     weights: Path | None = None
+    contract: InputContract | None = None  # what the factory's module takes (the adapter is applied in Triton too)
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {"kind": self.kind}
@@ -62,6 +64,8 @@ class ModelSource:
             document["callable"] = self.callable
         if self.weights is not None:
             document["weights"] = "weights.pt"
+        if self.contract is not None and not self.contract.is_default:
+            document["contract"] = self.contract.to_dict()
         return document
 
 
@@ -69,9 +73,11 @@ def model_identity(source: ModelSource, model) -> ModelIdentity:
     """The identity ``advsentry calibrate --model`` gives the same model (name and weights hash), so they match."""
     from detector.models import bundled_identity, state_dict_sha256
 
+    from detector.contract import contract_name, inner_model
+
     if source.kind == "bundled":
         return bundled_identity()
-    return ModelIdentity(str(source.callable), state_dict_sha256(model))
+    return ModelIdentity(contract_name(str(source.callable), source.contract), state_dict_sha256(inner_model(model)))
 
 
 def repository_identities(repository: str | Path) -> dict[str, ModelIdentity]:
@@ -125,7 +131,9 @@ def _instantiate(source: ModelSource):
             model.load_state_dict(state)
         except (RuntimeError, KeyError) as error:
             raise ExportError(f"weights {source.weights} do not fit the model: {error}") from error
-    return model.eval()
+    from detector.contract import adapt_model
+
+    return adapt_model(model.eval(), source.contract)
 
 
 def probe_model(
