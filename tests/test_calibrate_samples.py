@@ -234,3 +234,19 @@ def test_own_images_and_the_corpus_in_one_job(fake_corpus, tmp_path):
                      "--max-images", "8", *TINY)
     assert result.exit_code == 0, result.output
     assert CalibrationArtifact.load(tmp_path / "cal.json").data["candidates"] == 13
+
+
+def test_clean_images_upscaled_to_the_image_size_are_counted_and_warned_about(fake_corpus, tmp_path):
+    """The corpus stores 224 px crops: a 260 px calibration would see them all upscaled (smoother than real inputs)."""
+    from detector.calibrate.data import upscaling_warning
+
+    at_224 = plan_clean_images(JobConfig(model="bundled", max_images=8, image_size=224)).description
+    at_260 = plan_clean_images(JobConfig(model="bundled", max_images=8, image_size=260)).description
+    assert at_224["upscaled_candidates"] == 0 and upscaling_warning(at_224) is None
+    assert at_260["upscaled_candidates"] == 8
+    assert "8 of 8 clean images are smaller than --image-size 260 and are UPSCALED" in upscaling_warning(at_260)
+    result = _invoke("run", "--out", str(tmp_path / "cal.json"), "--clean-source", "corpus",
+                     *[a if a != "32" else "300" for a in TINY])
+    assert result.exit_code == 0, result.output
+    assert "UPSCALED" in _stderr(result)
+    assert CalibrationArtifact.load(tmp_path / "cal.json").data["upscaled_candidates"] == 16

@@ -52,6 +52,23 @@ EXPLAIN = R + "explain_sample/explanation.json"
 PROBE = R + "probe_sample/corpus_dev/probe.json"
 BUNDLED = "docs/results/bundled_scores.json"
 OWN = R + "own_model/lite2_smoke_calibration.json"
+LITE2 = R + "own_model/lite2_calibration.json"
+LITE2_UP = R + "own_model/lite2_260_upscaled_calibration.json"
+LITE2_TIME = R + "own_model/lite2_timings.json"
+#: docs/own-model.md's Lite2 table: (row label, attack label, Lite2 cell, bundled cell)
+LITE2_TABLE = (
+    ("FGSM 2/255", "fgsm", "0.883 [0.84, 0.92]", "0.932 [0.90, 0.96]"),
+    ("PGD L∞ 2/255", "pgd_2", "0.956 [0.92, 0.98]", "0.992 [0.98, 1.00]"),
+    ("DeepFool", "deepfool", "0.875 [0.81, 0.92]", "0.934 [0.89, 0.96]"),
+    ("Square 4/255 (unseen)", "square_4", "0.909 [0.86, 0.95]", "0.955 [0.93, 0.98]"),
+)
+
+
+def _auc_cell(attack: str, cell: str) -> list[tuple[str, str, Callable[[Any], str]]]:
+    """The three numbers of an ``AUC [low, high]`` table cell, against a calibration's by-source AUC."""
+    value, low, high = cell.replace("[", "").replace(",", "").replace("]", "").split()
+    base = f"results/attacks/{attack}/auc_by_source/"
+    return [(value, base + "value", dec(3)), (low, base + "low", dec(2)), (high, base + "high", dec(2))]
 BB = R + "blackbox/blackbox_detector.json"
 BB_DEFAULT = R + "blackbox/default_same_images.json"
 BB_COST = R + "blackbox_cost.json"
@@ -620,6 +637,24 @@ QUOTES: list[Quote] = [
             ("51.7", lambda d: 1000 * d["served"]["blackbox"]["latency"]["p50"], dec(1)),
             ("128.0", lambda d: 1000 * d["served"]["blackbox-squeeze"]["latency"]["p50"], dec(1))),
     # --- docs/own-model.md: the journey's smoke run (benchmarks/results/own_model/) ---
+    # --- docs/own-model.md: EfficientNet-Lite2 with its ImageNet weights (benchmarks/results/own_model/) ---
+    *[q for label, attack, lite2, bundled in LITE2_TABLE for source, cell in ((LITE2, lite2), (BB_EXPORTED, bundled))
+      for q in quotes(OWN_PAGE, f"| {label} | {lite2} | {bundled} |", source, *_auc_cell(attack, cell))],
+    *quotes(OWN_PAGE, "took **806 s** to\ncalibrate at 224 px on 2 cores, 12.5 s to export and 6.1 s", LITE2_TIME,
+            ("806", "wall_s/calibrate_224px", count),
+            ("12.5", "wall_s/export_model", dec(1)), ("6.1", "wall_s/triton_and_sidecar_ready", dec(1))),
+    *quotes(OWN_PAGE, "on the real-photo corpus's dev part (360 candidates)", LITE2, ("360", "job/max_images", count)),
+    *quotes(OWN_PAGE, "calibrate at 224 px on 2 cores", LITE2, ("224", "job/image_size", count)),
+    *quotes(OWN_PAGE, "The own model's calibration is 0.04–0.06 behind the bundled model's", LITE2,
+            ("0.04", lambda d: min(json.loads((ROOT / BB_EXPORTED).read_text())["results"]["attacks"][a]["auc_by_source"]["value"]
+                                   - d["results"]["attacks"][a]["auc_by_source"]["value"] for a in ("fgsm", "pgd_2", "deepfool", "square_4")),
+             dec(2)),
+            ("0.06", lambda d: max(json.loads((ROOT / BB_EXPORTED).read_text())["results"]["attacks"][a]["auc_by_source"]["value"]
+                                   - d["results"]["attacks"][a]["auc_by_source"]["value"] for a in ("fgsm", "pgd_2", "deepfool", "square_4")),
+             dec(2))),
+    *quotes(OWN_PAGE, "the same job reported AUC 0.99–1.00", LITE2_UP,
+            ("0.99", lambda d: min(d["results"]["attacks"][a]["auc_by_source"]["value"] for a in d["results"]["attacks"]), dec(2)),
+            ("1.00", lambda d: max(d["results"]["attacks"][a]["auc_by_source"]["value"] for a in d["results"]["attacks"]), dec(2))),
     *quotes(OWN_PAGE, "calibration cal-814e7b753f36: threshold 1.092101 (target FPR 0.05)", OWN,
             ("cal-814e7b753f36", "id", text), ("1.092101", "threshold", dec(6))),
     *quotes(OWN_PAGE, "realized held-out FPR 0.0% [0.0, 18.5] (0/18)", OWN,

@@ -24,14 +24,16 @@ Typical use::
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from detector.calibration import CalibrationArtifact
 
+from .data import upscaling_warning
 from .job import CalibrationJob, IncompleteJobError, RunStats, merge_job
 from .spec import DEFAULT_ATTACKS, DEFAULT_CORPUS_IMAGES, AttackSpec, JobConfig, JobConfigError
 from .store import WorkDirError
-from .sufficiency import POLICIES, InsufficientSamplesError, SampleSize, enforce, required_sizes
+from .sufficiency import POLICIES, InsufficientSamplesError, SampleSize, banner, enforce, required_sizes
 
 
 def _write(job: CalibrationJob, out: str | Path, report: str | Path | None, min_samples: str = "warn") -> CalibrationArtifact:
@@ -67,6 +69,9 @@ def run_calibration(
     """
     job = CalibrationJob(config, work_dir, device=device, progress=progress)
     enforce(job.candidate_sample_size(), min_samples)
+    upscaled = upscaling_warning(job.plan.description)
+    if upscaled and min_samples != "off":
+        sys.stderr.write(banner(upscaled))
     stats = job.run(shard)
     if shard[1] > 1 or out is None:
         return stats

@@ -327,12 +327,47 @@ def plan_clean_images(config: JobConfig) -> CleanPlan:
         "split_candidates": counts,
         "min_confidence": config.confidence_floor,
         "image_size": config.image_size,
+        "upscaled_candidates": upscaled_files(candidates, config.image_size),
     }
     if len(sources) <= MAX_LISTED_SOURCES:
         description["source_files_sha256"] = sources
     description.update(extra)
     plan.description = description
     return plan
+
+
+def upscaled_files(candidates: Sequence[Candidate], image_size: int) -> int:
+    """How many file candidates are smaller than ``image_size`` on their short side (read from the headers).
+
+    Why it matters: an upscaled clean image is smoother than the model's real
+    inputs, so an attack's full-resolution perturbation stands out on it and
+    detection looks better than it is (the real-photo corpus stores 224 px
+    crops: a 260 px model calibrated on it sees them upscaled).
+    """
+    from PIL import Image
+
+    count = 0
+    for candidate in candidates:
+        if candidate.path is None:
+            continue
+        try:
+            with Image.open(candidate.path) as image:
+                count += min(image.size) < image_size
+        except OSError:  # unreadable: the clean stage says so with the file's name
+            continue
+    return count
+
+
+def upscaling_warning(description: dict[str, Any]) -> str | None:
+    """The warning for a plan whose clean images are mostly upscaled (None when under a tenth)."""
+    upscaled, total, size = description.get("upscaled_candidates", 0), description.get("candidates", 0), description.get("image_size")
+    if not total or upscaled < 0.1 * total:
+        return None
+    return (f"{upscaled} of {total} clean images are smaller than --image-size {size} and are UPSCALED to it.\n"
+            "An upscaled image is smoother than the model's real inputs: any attack's perturbation stands out on it, "
+            "so the AUCs look better than they are and the threshold may not hold on real traffic.\n"
+            f"Give clean images of at least {size} px (your own with --images; the real-photo corpus's are 224 px), "
+            "or calibrate at the size the images have.")
 
 
 def split_candidates(candidates: Sequence[Candidate], config: JobConfig) -> tuple[str, ...]:
