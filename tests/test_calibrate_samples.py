@@ -249,4 +249,8 @@ def test_clean_images_upscaled_to_the_image_size_are_counted_and_warned_about(fa
                      *[a if a != "32" else "300" for a in TINY])
     assert result.exit_code == 0, result.output
     assert "UPSCALED" in _stderr(result)
-    assert CalibrationArtifact.load(tmp_path / "cal.json").data["upscaled_candidates"] == 16
+    artifact = CalibrationArtifact.load(tmp_path / "cal.json")
+    assert artifact.data["upscaled_candidates"] == 16
+    from detector.calibrate.report import upscaling_banner
+
+    assert "clean images upscaled" in upscaling_banner(artifact) and "16 of 16" in upscaling_banner(artifact)

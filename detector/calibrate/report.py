@@ -285,6 +285,17 @@ def sample_size_banner(artifact: CalibrationArtifact) -> str:
             f"<pre>{html.escape(size['warning'])}</pre></div>")
 
 
+def upscaling_banner(artifact: CalibrationArtifact) -> str:
+    """The red banner when most clean images were upscaled to the image size (AUCs optimistic; "" otherwise)."""
+    from .data import upscaling_warning
+
+    text = upscaling_warning(artifact.data)
+    if text is None:
+        return ""
+    return ("<div class='insufficient' id='upscaled-images'><h2>Warning: clean images upscaled, detection looks better "
+            f"than it is</h2><pre>{html.escape(text)}</pre></div>")
+
+
 def _sample_rows(size: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(what, used, minimum or None) per split; artifacts from before the threshold split: held-out and fit only."""
     required = size.get("required", {})
@@ -345,6 +356,7 @@ def write_report(path: str | Path, artifact: CalibrationArtifact, result: Calibr
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>advsentry calibration <code>{html.escape(artifact.id)}</code></h1>",
         sample_size_banner(artifact),
+        upscaling_banner(artifact),
         f"<p class='note'>model {html.escape(artifact.model.name)} (weights sha256 {html.escape(artifact.model.weights_sha256[:16])}…), "
         f"created {html.escape(artifact.created_at)}; threshold in force <b>{artifact.threshold:.6f}</b> "
         f"for target FPR {artifact.target_fpr:g}. Clean images: {artifact.data.get('selected')} selected "
