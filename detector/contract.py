@@ -98,11 +98,11 @@ class InputContract:
     @classmethod
     def parse(cls, layout: str = "nchw", scale: float = 1.0, normalize: str | None = None,
               dtype: str = "float32") -> "InputContract":
-        """From the command-line flags; ``normalize`` is ``imagenet`` or ``M,M,M/S,S,S``."""
+        """From the command-line flags; ``normalize`` is ``imagenet`` (in the scaled units) or ``M,M,M/S,S,S``."""
         mean = std = None
         if normalize:
-            if normalize == "imagenet":
-                mean, std = IMAGENET_NORMALIZE
+            if normalize == "imagenet":  # torchvision's numbers are for [0, 1]: scaled with the pixels
+                mean, std = (tuple(float(scale) * v for v in values) for values in IMAGENET_NORMALIZE)
             else:
                 try:
                     means, _, stds = normalize.partition("/")

@@ -45,6 +45,8 @@ def test_the_adapter_makes_the_models_input_from_advsentrys_pixels():
     assert logits.dtype == torch.float32  # logits come back as float32 whatever the model computes in
     assert InputContract.from_dict(contract.to_dict()) == contract
     assert InputContract.parse(normalize="imagenet").mean == (0.485, 0.456, 0.406)
+    scaled = InputContract.parse(scale=255, normalize="imagenet")  # the same normalization in 0..255 units
+    assert scaled.mean == pytest.approx((123.675, 116.28, 103.53)) and scaled.std == pytest.approx((58.395, 57.12, 57.375))
     assert adapt_model(Recorder, InputContract()) is Recorder  # advsentry's own contract: no adapter
     assert contract_name("m:f", contract) == "m:f [nhwc, x255, mean 127.5,127.5,127.5 std 128,128,128, float16]"
     assert contract_name("m:f", InputContract()) == "m:f"

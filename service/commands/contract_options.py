@@ -18,7 +18,7 @@ InputLayout = Annotated[str, typer.Option(
 InputScale = Annotated[float, typer.Option(
     "--input-scale", help="Your model takes pixels times this: 1 ([0, 1], advsentry's) or 255 (0..255).")]
 InputNormalize = Annotated[Optional[str], typer.Option(
-    "--input-normalize", help="Normalization your model expects outside it: imagenet, or MEAN,MEAN,MEAN/STD,STD,STD "
+    "--input-normalize", help="Normalization your model expects outside it: imagenet (torchvision's, scaled with --input-scale), or MEAN,MEAN,MEAN/STD,STD,STD "
                               "(after --input-scale); default none (normalization inside the module).",
     show_default=False)]
 InputDtype = Annotated[str, typer.Option(
