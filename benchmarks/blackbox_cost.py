@@ -164,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     started = load_average()
     signals = signal_rows((1,) if args.smoke else (1, 16), 1 if args.smoke else args.repeats)
     served = served_latency(3 if args.smoke else args.requests, 1 if args.smoke else 5)
-    detectors = {name: {"calibration_id": Detector.named(name).calibration_id,
-                        "signals": list(Detector.named(name).features),
-                        "extra_upstream_calls": len(Detector.named(name).outside_transforms()),
-                        "rows": signals[name]} for name in DETECTORS}
+    detectors = {}
+    for name in DETECTORS:
+        detector = Detector.named(name)
+        detectors[name] = {"calibration_id": detector.calibration_id, "signals": list(detector.features),
+                           "extra_upstream_calls": len(detector.outside_transforms()), "rows": signals[name]}
     name = "blackbox_cost_smoke" if args.smoke else "blackbox_cost"
     write_result(name, {"smoke": args.smoke, "load_average_start": started, **detectors["blackbox"],
                         "detectors": detectors, "served": served}, args.results_dir)

